@@ -1,0 +1,232 @@
+"""meditron_kernels: fused kernels for training Llama-2-family models.
+
+The functional API. Shapes follow flash-attn, ``(batch, seq, heads, head_dim)``. Every op
+is differentiable and takes ``backend=None`` ("torch" | "triton" | "cuda"; see
+:mod:`meditron_kernels.backend` for how None resolves). Inputs are validated here, once,
+for every backend.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validate as V
+from . import reference
+from .backend import BACKENDS, dispatch, get_backend, set_backend, use_backend
+from .reference import rotary_cos_sin as _rotary_cos_sin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "rms_norm", "rotary_cos_sin", "apply_rotary", "swiglu", "swiglu_packed", "flash_attention",
+    "cross_entropy", "fused_linear_cross_entropy", "set_backend", "get_backend", "use_backend", "BACKENDS",
+]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None,
+             *, backend: str | None = None):
+    """RMSNorm with float32 statistics; with ``residual``, the fused pre-norm add.
+
+    x (..., hidden), weight (hidden,) -> y (..., hidden) in x.dtype.
+    With residual (same shape and dtype as x): h = x + residual, y = rms_norm(h); returns (y, h).
+    """
+    V.floating(x, "x")
+    V.floating(weight, "weight")
+    V.ndim(x, "x", tuple(range(1, 9)), "(..., hidden) with at least one dim")
+    V.ndim(weight, "weight", 1, "1-D (hidden,)")
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight has {weight.shape[0]} elements but x has hidden size {x.shape[-1]}")
+    V.same_device(weight, "weight", x, "x")
+    if weight.dtype != x.dtype and weight.dtype != torch.float32:
+        raise TypeError(f"weight must have x's dtype ({x.dtype}) or float32, got {weight.dtype}")
+    V.positive_float(eps, "eps")
+    if residual is not None:
+        V.floating(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+        V.same_dtype(residual, "residual", x, "x")
+        V.same_device(residual, "residual", x, "x")
+    return dispatch("rms_norm", backend, x.device)(x, weight, eps, residual)
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=None):
+    """Rotary tables: -> cos, sin, each (seq_len, head_dim // 2) float32."""
+    V.positive_int(seq_len, "seq_len")
+    V.positive_int(head_dim, "head_dim")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    V.positive_float(theta, "theta")
+    return _rotary_cos_sin(seq_len, head_dim, theta, device)
+
+
+def _check_rotary_tables(cos, sin, head_dim: int, ref: torch.Tensor, n_positions: int | None):
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        V.floating(t, name)
+        V.ndim(t, name, 2, "2-D (max_positions, head_dim // 2)")
+        if t.shape[1] != head_dim // 2:
+            raise ValueError(f"{name} must have head_dim // 2 = {head_dim // 2} columns, got {t.shape[1]}")
+        V.same_device(t, name, ref, "q")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if n_positions is not None and cos.shape[0] < n_positions:
+        raise ValueError(f"cos and sin cover {cos.shape[0]} positions but seq is {n_positions}; "
+                         "pass position_ids or longer tables")
+
+
+def _check_position_ids(position_ids, shape: tuple[int, ...], ref: torch.Tensor):
+    V.integer(position_ids, "position_ids")
+    if tuple(position_ids.shape) != shape:
+        raise ValueError(f"position_ids must have shape {shape}, got {tuple(position_ids.shape)}")
+    V.same_device(position_ids, "position_ids", ref, "q")
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 position_ids: torch.Tensor | None = None, interleaved: bool = False, *, backend: str | None = None):
+    """Rotary position embedding of q and k, out of place.
+
+    q (batch, seq, n_heads, head_dim); k (batch, seq, n_kv_heads, head_dim);
+    cos, sin (max_positions, head_dim // 2); position_ids (batch, seq) int, or None for 0..seq-1.
+    interleaved=False rotates halves (HF Llama checkpoints); True rotates adjacent pairs (Meta's layout).
+    """
+    V.floating(q, "q")
+    V.floating(k, "k")
+    V.ndim(q, "q", 4, "4-D (batch, seq, n_heads, head_dim)")
+    V.ndim(k, "k", 4, "4-D (batch, seq, n_kv_heads, head_dim)")
+    if q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q and k must share (batch, seq), got {tuple(q.shape[:2])} and {tuple(k.shape[:2])}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if q.shape[3] % 2:
+        raise ValueError(f"head_dim must be even for rotary, got {q.shape[3]}")
+    V.same_dtype(k, "k", q, "q")
+    V.same_device(k, "k", q, "q")
+    _check_rotary_tables(cos, sin, q.shape[3], q, q.shape[1] if position_ids is None else None)
+    if position_ids is not None:
+        _check_position_ids(position_ids, tuple(q.shape[:2]), q)
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    return dispatch("apply_rotary", backend, q.device)(q, k, cos, sin, position_ids, interleaved)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """silu(gate) * up for any matching shapes."""
+    V.floating(gate, "gate")
+    V.floating(up, "up")
+    if gate.shape != up.shape:
+        raise ValueError(f"gate has shape {tuple(gate.shape)} but up has {tuple(up.shape)}")
+    V.same_dtype(up, "up", gate, "gate")
+    V.same_device(up, "up", gate, "gate")
+    return dispatch("swiglu", backend, gate.device)(gate, up)
+
+
+def swiglu_packed(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """SwiGLU on the output of one fused w1|w3 GEMM: gate_up (..., 2 * ffn) = [gate | up] -> (..., ffn)."""
+    V.floating(gate_up, "gate_up")
+    V.ndim(gate_up, "gate_up", tuple(range(1, 9)), "(..., 2 * ffn)")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim must be even (2 * ffn), got {gate_up.shape[-1]}")
+    return dispatch("swiglu_packed", backend, gate_up.device)(gate_up)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None, *, cu_seqlens: torch.Tensor | None = None,
+                    max_seqlen: int | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    position_ids: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Exact attention, softmax(q k^T * softmax_scale) v, with GQA, packing and fused rotary.
+
+    Batched: q (batch, seq, n_heads, d); k, v (batch, seq, n_kv_heads, d) -> (batch, seq, n_heads, d).
+    Packed (cu_seqlens given): q (total, n_heads, d); k, v (total, n_kv_heads, d); cu_seqlens (n_docs + 1,)
+    int32 offsets; a token attends only inside its own document.
+    n_heads % n_kv_heads == 0: query head j reads kv head j // (n_heads // n_kv_heads), without copies.
+    softmax_scale defaults to 1 / sqrt(d). rotary=(cos, sin) rotates q and k (rotate-half layout) first,
+    at position_ids ((batch, seq), or (total,) when packed), by default 0..seq-1, restarting per document.
+    """
+    packed = cu_seqlens is not None
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        V.floating(t, name)
+        if packed:
+            V.ndim(t, name, 3, "3-D (total_tokens, heads, head_dim) when cu_seqlens is given")
+        else:
+            V.ndim(t, name, 4, "4-D (batch, seq, heads, head_dim)")
+    for t, name in ((k, "k"), (v, "v")):
+        V.same_dtype(t, name, q, "q")
+        V.same_device(t, name, q, "q")
+    lead = q.dim() - 2
+    if k.shape[:lead] != q.shape[:lead] or v.shape[:lead] != q.shape[:lead]:
+        what = "total_tokens" if packed else "(batch, seq)"
+        raise ValueError(f"q, k and v must share {what}, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k must share head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    n_heads, n_kv = q.shape[-2], k.shape[-2]
+    if n_heads % n_kv:
+        raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv})")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                      or not math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    if packed:
+        V.cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q)
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen is only meaningful with cu_seqlens")
+    if rotary is not None:
+        if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+            raise TypeError("rotary must be a (cos, sin) pair")
+        if q.shape[-1] % 2:
+            raise ValueError(f"head_dim must be even for rotary, got {q.shape[-1]}")
+        n_pos = None if position_ids is not None else (max_seqlen if packed else q.shape[1])
+        _check_rotary_tables(rotary[0], rotary[1], q.shape[-1], q, n_pos)
+        if position_ids is not None:
+            _check_position_ids(position_ids, tuple(q.shape[:lead]), q)
+    elif position_ids is not None:
+        raise ValueError("position_ids is only used with rotary=(cos, sin)")
+    return dispatch("flash_attention", backend, q.device)(
+        q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, rotary, position_ids)
+
+
+def _check_targets(targets, lead_shape, ref, ignore_index):
+    V.integer(targets, "targets")
+    if tuple(targets.shape) != tuple(lead_shape):
+        raise ValueError(f"targets must have shape {tuple(lead_shape)}, got {tuple(targets.shape)}")
+    V.same_device(targets, "targets", ref, "logits" if ref.dim() else "hidden")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *,
+                  backend: str | None = None) -> torch.Tensor:
+    """logits (..., vocab), targets (...) int -> float32 scalar: mean loss over targets != ignore_index."""
+    V.floating(logits, "logits")
+    V.ndim(logits, "logits", tuple(range(1, 9)), "(..., vocab)")
+    _check_targets(targets, logits.shape[:-1], logits, ignore_index)
+    return dispatch("cross_entropy", backend, logits.device)(logits, targets, ignore_index)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+                               ignore_index: int = -100, *, chunk_size: int | None = None,
+                               backend: str | None = None) -> torch.Tensor:
+    """cross_entropy(hidden @ lm_head_weight.T, targets) without materialising all logits.
+
+    hidden (..., dim); lm_head_weight (vocab, dim); targets (...) -> float32 scalar.
+    Tokens go through in chunks of ``chunk_size`` (default: about the size of hidden in logits).
+    """
+    V.floating(hidden, "hidden")
+    V.floating(lm_head_weight, "lm_head_weight")
+    V.ndim(hidden, "hidden", tuple(range(1, 9)), "(..., dim)")
+    V.ndim(lm_head_weight, "lm_head_weight", 2, "2-D (vocab, dim)")
+    if lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm_head_weight has dim {lm_head_weight.shape[1]} but hidden has {hidden.shape[-1]}")
+    V.same_dtype(lm_head_weight, "lm_head_weight", hidden, "hidden")
+    V.same_device(lm_head_weight, "lm_head_weight", hidden, "hidden")
+    _check_targets(targets, hidden.shape[:-1], hidden, ignore_index)
+    if chunk_size is not None:
+        V.positive_int(chunk_size, "chunk_size")
+    return dispatch("fused_linear_cross_entropy", backend, hidden.device)(
+        hidden, lm_head_weight, targets, ignore_index, chunk_size)
+
+
+# Backends beyond the reference register themselves on import.
+from . import ops  # noqa: E402,F401

@@ -1,0 +1,165 @@
+"""Static GPU checks without a GPU: compile a Triton launch for sm_80 / sm_90 and read
+registers, spills, shared memory, matrix instructions and load widths off the cubin.
+
+A launcher describes each launch it makes as a :class:`Launch` (the same function builds
+the run-time launch and the static one, so the configuration under test is the one that
+runs). The test suite and ``python -m benchmarks.inspect`` compile those descriptions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+# Per-SM limits. Shared memory is the per-block opt-in maximum.
+ARCH_LIMITS = {
+    80: dict(name="A100 (sm_80)", regs_per_sm=65536, max_warps_per_sm=64, max_blocks_per_sm=32, smem_per_block=163 * 1024,
+             smem_per_sm=164 * 1024),
+    90: dict(name="H100 (sm_90)", regs_per_sm=65536, max_warps_per_sm=64, max_blocks_per_sm=32, smem_per_block=227 * 1024,
+             smem_per_sm=228 * 1024),
+}
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch: the kernel, its arguments by name (tensors, ints, floats and
+    constexprs, exactly as passed at run time) and its launch options."""
+    name: str
+    kernel: Any
+    args: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    grid: tuple[int, ...] = (1,)
+
+
+def _jit_function(kernel):
+    """The JITFunction behind ``kernel``, also when TRITON_INTERPRET=1 made it an InterpretedFunction."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    fn = getattr(kernel, "fn", None)
+    if isinstance(fn, JITFunction):
+        return fn
+    if fn is None:
+        raise TypeError(f"not a Triton kernel: {kernel!r}")
+    return _jit_of_python_fn(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_of_python_fn(fn):
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(fn)
+
+
+def _bin(tool: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def compile_launch(launch: Launch, cc: int):
+    """triton.compile of ``launch`` for compute capability ``cc`` (80 or 90), specialised the
+    way the run-time launcher specialises it (16-byte alignment, ints divisible by 16, ints equal to 1)."""
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    jf = _jit_function(launch.kernel)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(jf.params):
+        if p.name not in launch.args:
+            raise KeyError(f"{launch.name}: argument {p.name!r} of {jf.__name__} is missing")
+        val = launch.args[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = val
+            continue
+        ty, attr = native_specialize_impl(BaseBackend, val, False, not p.do_not_specialize,
+                                          not p.do_not_specialize_on_alignment)
+        signature[p.name] = ty
+        if ty == "constexpr":
+            constexprs[p.name] = attr
+        elif attr:
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    src = ASTSource(jf, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+
+
+def _ptxas_spills(ptx: str, cc: int) -> tuple[int, int, int]:
+    arch = "sm_90a" if cc == 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        out = subprocess.run([get_ptxas(cc).path, "-v", f"-arch={arch}", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    frame = sum(int(x) for x in re.findall(r"(\d+) bytes stack frame", text))
+    stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", text))
+    loads = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", text))
+    return frame, stores, loads
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _registers(cubin: bytes) -> int:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    return max(int(x) for x in re.findall(r"REG:(\d+)", out))
+
+
+def sass_facts(sass: str) -> dict[str, Any]:
+    """Matrix-instruction family and the widest global load in a SASS listing."""
+    mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
+    widths = []
+    for m in re.finditer(r"\bLDG\.E((?:\.[A-Z0-9]+)*)", sass):
+        mods = m.group(1)
+        w = re.search(r"\.(128|64|U16|S16|U8|S8)\b", mods)
+        widths.append({"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}[w.group(1)] if w else 32)
+    return dict(mma=mma, vector_load_bits=max(widths) if widths else 0, tma="UTMALDG" in sass)
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, cc: int) -> dict[str, Any]:
+    lim = ARCH_LIMITS[cc]
+    threads = num_warps * 32
+    per_warp_regs = -(-registers * 32 // 256) * 256  # allocation granularity: 256 registers per warp
+    by_regs = lim["regs_per_sm"] // max(per_warp_regs * num_warps, 1)
+    by_smem = lim["smem_per_sm"] // shared_bytes if shared_bytes else lim["max_blocks_per_sm"]
+    by_warps = lim["max_warps_per_sm"] // num_warps
+    blocks = max(0, min(by_regs, by_smem, by_warps, lim["max_blocks_per_sm"]))
+    limiter = min((("registers", by_regs), ("shared", by_smem), ("warps", by_warps)), key=lambda t: t[1])[0]
+    return dict(threads_per_block=threads, blocks_per_sm=blocks, warps_per_sm=blocks * num_warps, limited_by=limiter)
+
+
+def report(launch: Launch, cc: int) -> dict[str, Any]:
+    """Everything the static report prints for one launch on one architecture."""
+    ck = compile_launch(launch, cc)
+    cubin = ck.asm["cubin"]
+    registers = _registers(cubin)
+    frame, stores, loads = _ptxas_spills(ck.asm["ptx"], cc)
+    shared = int(ck.metadata.shared)
+    rec = dict(kernel=launch.name, arch=f"sm_{cc}", registers=registers, spill_bytes=stores + loads,
+               spill_stores=stores, spill_loads=loads, stack_bytes=frame, shared_bytes=shared,
+               shared_limit=ARCH_LIMITS[cc]["smem_per_block"], num_warps=launch.num_warps,
+               num_stages=launch.num_stages)
+    rec.update(sass_facts(_sass(cubin)))
+    rec.update(occupancy(registers, shared, launch.num_warps, cc))
+    return rec

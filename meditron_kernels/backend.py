@@ -1,0 +1,120 @@
+"""Backend selection for the functional ops.
+
+Every public op takes ``backend=None``. The name is resolved in this order:
+
+1. the ``backend=`` argument of the call;
+2. a process default set by :func:`set_backend` or the :func:`use_backend` context;
+3. the ``MEDITRON_KERNELS_BACKEND`` environment variable;
+4. auto: ``"triton"`` for CUDA tensors (when Triton is importable), ``"torch"`` otherwise.
+
+Implementations register themselves per (op, backend) with :func:`register`; the
+public functions in ``meditron_kernels/__init__.py`` validate their inputs once and
+then call :func:`dispatch`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "MEDITRON_KERNELS_BACKEND"
+
+_REGISTRY: dict[tuple[str, str], Callable] = {}
+_default: str | None = None
+# Filled by per-op measurements (issue: auto picks the faster of cuda and triton on a GPU).
+_AUTO_CUDA_OPS: set[str] = set()
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as the implementation of ``op`` on ``backend``."""
+    _check_name(backend, "backend")
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY[(op, backend)] = fn
+        return fn
+
+    return deco
+
+
+def _check_name(name: str, what: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS} or None, got {name!r}")
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend (None restores env/auto resolution)."""
+    global _default
+    if name is not None:
+        _check_name(name, "backend")
+    _default = name
+
+
+def get_backend() -> str | None:
+    """The process-wide default set by :func:`set_backend`, or None."""
+    return _default
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager: run every op inside on ``name`` unless a call names its own."""
+    global _default
+    if name is not None:
+        _check_name(name, "backend")
+    previous = _default
+    _default = name
+    try:
+        yield
+    finally:
+        _default = previous
+
+
+def cuda_extension_available() -> bool:
+    from . import _cuda_ext
+
+    return _cuda_ext.available()
+
+
+def resolve(backend: str | None, device: torch.device, op: str | None = None) -> str:
+    """The backend name a call on tensors living on ``device`` will use."""
+    name = backend if backend is not None else _default
+    if name is None:
+        name = os.environ.get(ENV_VAR) or None
+        if name is not None and name not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")
+    if name is None:
+        if device.type == "cuda" and _HAS_TRITON:
+            if op in _AUTO_CUDA_OPS and cuda_extension_available():
+                return "cuda"
+            return "triton"
+        return "torch"
+    _check_name(name, "backend")
+    return name
+
+
+def dispatch(op: str, backend: str | None, device: torch.device) -> Callable:
+    """The implementation of ``op`` for the resolved backend, or a clear error."""
+    name = resolve(backend, device, op)
+    if name == "triton" and not _HAS_TRITON:
+        raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install triton)")
+    if name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not cuda_extension_available():
+            from . import _cuda_ext
+
+            raise RuntimeError(f"{op}: backend='cuda' is unavailable: {_cuda_ext.why_unavailable()}")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"{op}: backend='triton' got tensors on {device}; Triton kernels need CUDA tensors, "
+            "or TRITON_INTERPRET=1 set before meditron_kernels is imported to run them on the CPU"
+        )
+    fn = _REGISTRY.get((op, name))
+    if fn is None:
+        raise NotImplementedError(f"{op} has no {name!r} backend yet")
+    return fn

@@ -1,0 +1,208 @@
+"""Pure-PyTorch reference of every op.
+
+These are the test oracle (call them with float32 or float64 inputs), the "torch eager"
+baseline of the benchmarks, and the ``torch`` backend that runs on the CPU. They follow
+plain PyTorch numerics in the input dtype: matmuls in that dtype, reductions and softmax
+in float32, one rounding at the end. Inputs are validated by the public API, not here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .backend import register
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """x in its accumulation dtype: float32 for 16-bit floats, unchanged for float32/float64."""
+    return x.float() if x.element_size() < 4 else x
+
+
+# ---------------------------------------------------------------------------- RMSNorm
+@register("rms_norm", "torch")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None):
+    """x (..., hidden), weight (hidden,) -> y (..., hidden), or (y, h) with h = x + residual."""
+    h = x if residual is None else x + residual
+    hf = _acc(h)
+    rstd = torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    y = (hf * rstd * weight.to(hf.dtype)).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+# ---------------------------------------------------------------------------- rotary
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=None):
+    """-> cos, sin, each (seq_len, head_dim // 2) float32.
+
+    Angles are formed in float64 and rounded once: in float32, position * inv_freq loses
+    about 2e-4 rad by position 4096.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    # x (..., head_dim); cos, sin broadcastable to (..., head_dim // 2)
+    xf = _acc(x)
+    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+def _gather_angles(cos, sin, position_ids, seq_len):
+    # -> cos, sin broadcastable against (batch, seq, heads, head_dim // 2)
+    if position_ids is None:
+        return cos[:seq_len, None, :], sin[:seq_len, None, :]
+    pos = position_ids.long()
+    return cos[pos][:, :, None, :], sin[pos][:, :, None, :]
+
+
+@register("apply_rotary", "torch")
+def apply_rotary(q, k, cos, sin, position_ids=None, interleaved=False):
+    """q (batch, seq, n_heads, head_dim), k (batch, seq, n_kv_heads, head_dim) -> rotated q, k."""
+    c, s = _gather_angles(cos, sin, position_ids, q.shape[1])
+    return _rotate(q, c, s, interleaved), _rotate(k, c, s, interleaved)
+
+
+# ---------------------------------------------------------------------------- SwiGLU
+@register("swiglu", "torch")
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise, in the input dtype."""
+    return F.silu(gate) * up
+
+
+@register("swiglu_packed", "torch")
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (..., 2 * ffn) = [gate | up] -> (..., ffn)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
+# ---------------------------------------------------------------------------- attention
+def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64: each packed token's position inside its own document."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
+    return idx - cu_seqlens.long()[doc]
+
+
+def _attention(q, k, v, causal, scale, doc_ids=None):
+    # q (batch, seq, n_heads, d); k, v (batch, seq, n_kv_heads, d); doc_ids (seq,) or None
+    b, s, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, s, hkv, h // hkv, d)  # GQA as a view: query head j reads kv head j // group
+    scores = _acc(torch.einsum("bqhgd,bkhd->bhgqk", qg, k)) * scale
+    mask = None
+    if causal:
+        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    if doc_ids is not None:
+        same_doc = doc_ids[:, None] == doc_ids[None, :]
+        mask = same_doc if mask is None else mask & same_doc
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype)
+    o = torch.einsum("bhgqk,bkhd->bqhgd", p, v)
+    return o.reshape(b, s, h, d)
+
+
+@register("flash_attention", "torch")
+def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
+                    rotary=None, position_ids=None):
+    """softmax(q k^T * scale [+ causal/document mask]) v, GQA by head groups.
+
+    Batched: q (batch, seq, n_heads, d); k, v (batch, seq, n_kv_heads, d).
+    Packed: q (total, n_heads, d), documents delimited by cu_seqlens; with rotary and no
+    position_ids, positions restart at 0 in every document.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is None:
+        if rotary is not None:
+            q, k = apply_rotary(q, k, rotary[0], rotary[1], position_ids)
+        return _attention(q, k, v, causal, scale)
+    total = q.shape[0]
+    if rotary is not None:
+        pos = position_ids if position_ids is not None else document_positions(cu_seqlens, total)
+        q, k = apply_rotary(q[None], k[None], rotary[0], rotary[1], pos.reshape(1, total))
+        q, k = q[0], k[0]
+    doc_ids = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=q.device), right=True)
+    return _attention(q[None], k[None], v[None], causal, scale, doc_ids)[0]
+
+
+# ---------------------------------------------------------------------------- cross-entropy
+@register("cross_entropy", "torch")
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """logits (..., vocab), targets (...) -> float32 scalar, mean over non-ignored targets."""
+    loss = F.cross_entropy(_acc(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1).long(),
+                           ignore_index=ignore_index)
+    return loss.float()
+
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk so one chunk's logits are about the size of the hidden states."""
+    n_chunks = max(1, math.ceil(vocab / hidden))
+    return max(1, math.ceil(n_tokens / n_chunks))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked lm-head + cross-entropy: holds at most one chunk of logits at a time.
+
+    The gradients are produced during the forward, chunk by chunk, while each chunk's
+    logits are live; the backward only scales them by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
+        # hidden (n, dim), weight (vocab, dim), targets (n,)
+        n = hidden.shape[0]
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        valid = targets != ignore_index
+        n_valid = valid.sum().to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        loss = hidden.new_zeros((), dtype=acc)
+        dhidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        dweight = torch.zeros(weight.shape, dtype=_acc(weight[:0]).dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, n, chunk_size):
+            h = hidden[start:start + chunk_size]
+            t = targets[start:start + chunk_size].long()
+            ok = valid[start:start + chunk_size]
+            logits = _acc(h @ weight.t())
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = torch.where(ok, t, torch.zeros_like(t))
+            picked = logits.gather(1, safe_t[:, None])[:, 0]
+            loss = loss + torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
+            if need_grad:
+                g = torch.softmax(logits, dim=-1)
+                g.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
+                g = (g * (ok.to(g.dtype) / n_valid)[:, None]).to(hidden.dtype)
+                if dhidden is not None:
+                    dhidden[start:start + chunk_size] = g @ weight
+                if dweight is not None:
+                    dweight += g.t() @ h
+            del logits
+        ctx.save_for_backward(dhidden, dweight)
+        ctx.weight_dtype = weight.dtype
+        return (loss / n_valid).float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dhidden, dweight = ctx.saved_tensors
+        dh = dhidden * grad_loss.to(dhidden.dtype) if dhidden is not None else None
+        dw = (dweight * grad_loss).to(ctx.weight_dtype) if dweight is not None else None
+        return dh, dw, None, None, None
+
+
+@register("fused_linear_cross_entropy", "torch")
+def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_size=None):
+    """hidden (..., dim), weight (vocab, dim), targets (...) -> float32 scalar mean loss."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(h.shape[0], h.shape[1], weight.shape[0])
+    return _LinearCrossEntropy.apply(h, weight, t, ignore_index, chunk_size)

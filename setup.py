@@ -1,0 +1,78 @@
+"""Installs meditron_kernels; builds the optional CUDA extension meditron_kernels._C from csrc/.
+
+The extension is built only when a CUDA toolkit and a CUDA-enabled torch are both present
+(install with ``pip install --no-build-isolation -e .`` so the build sees your torch).
+MEDITRON_KERNELS_SKIP_CUDA_BUILD=1 forces the skip. TORCH_CUDA_ARCH_LIST picks the
+architectures (default "8.0;9.0"): one -gencode pair each, plus PTX for the newest.
+MAX_JOBS defaults to what free memory allows (about 3 GB per nvcc job).
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _skip(reason: str):
+    print(f"meditron-kernels: skipping the CUDA extension: {reason}", file=sys.stderr)
+    return [], {}
+
+
+def _gencode_flags(arch_list: str) -> list[str]:
+    archs = []
+    for a in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        a = a.strip().replace("+PTX", "")
+        if a:
+            archs.append(a.replace(".", ""))
+    if not archs:
+        raise ValueError(f"TORCH_CUDA_ARCH_LIST={arch_list!r} names no architecture")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    newest = max(archs, key=int)
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def _max_jobs() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        by_mem = max(1, avail_kb // (3 * 1024 * 1024))
+    except (OSError, StopIteration, ValueError):
+        by_mem = 1
+    return str(max(1, min(os.cpu_count() or 1, by_mem)))
+
+
+def cuda_extensions():
+    if os.environ.get("MEDITRON_KERNELS_SKIP_CUDA_BUILD", "") not in ("", "0"):
+        return _skip("MEDITRON_KERNELS_SKIP_CUDA_BUILD is set")
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return _skip("csrc/ has no sources")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return _skip("torch is not importable in the build environment (use pip install --no-build-isolation)")
+    if torch.version.cuda is None:
+        return _skip(f"torch {torch.__version__} is a CPU build")
+    if CUDA_HOME is None:
+        return _skip("no CUDA toolkit found (set CUDA_HOME)")
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("MAX_JOBS", _max_jobs())
+    ext = CUDAExtension(
+        name="meditron_kernels._C",
+        sources=sources,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + _gencode_flags(arch_list),
+        },
+    )
+    print(f"meditron-kernels: building the CUDA extension for {arch_list} with MAX_JOBS={os.environ['MAX_JOBS']}",
+          file=sys.stderr)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
