@@ -5,9 +5,8 @@ ValueError for shapes and values).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # float64 is for the torch backend (references, gradcheck); the kernels take the other three.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -66,7 +65,7 @@ def positive_float(v, name: str) -> None:
 
 # cu_seqlens values are checked once per tensor version: a trainer passes the same tensor
 # to every layer, so the host sync this costs happens once per step, not once per layer.
-_checked_cu: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, int, int | None]]" = weakref.WeakKeyDictionary()
+_checked_cu = WeakIdKeyDictionary()
 
 
 def cu_seqlens(cu, total: int, max_seqlen, ref: torch.Tensor) -> None:

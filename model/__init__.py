@@ -1,0 +1,4 @@
+"""A minimal Llama-2 on the meditron_kernels ops, with Hugging Face checkpoint I/O."""
+from .llama import PRESETS, Attention, Llama, LlamaConfig, TransformerBlock
+
+__all__ = ["LlamaConfig", "Llama", "PRESETS", "Attention", "TransformerBlock"]

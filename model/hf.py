@@ -1,0 +1,186 @@
+"""Hugging Face (transformers) Llama checkpoints: config.json + safetensors, single or sharded.
+
+Loading builds the model on the meta device, allocates it once with ``to_empty`` and copies
+each tensor in from the memory-mapped safetensors files one at a time, so a checkpoint loads
+in about its own size of memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+from .llama import Llama, LlamaConfig
+
+# our name <- transformers' name, for per-layer tensors
+_LAYER_MAP = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_MAP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def to_hf_name(name: str) -> str:
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m:
+        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    return _TOP_MAP[name]
+
+
+def config_from_hf(cfg: dict) -> LlamaConfig:
+    if cfg.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json: model_type must be 'llama', got {cfg.get('model_type')!r}")
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling")
+    rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
+    if scaling or rope_type not in ("default", None):
+        raise NotImplementedError(f"config.json: rope scaling {scaling or rope_type!r} is not supported (Llama-2 has none)")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise NotImplementedError(f"config.json: {key}=true is not supported (Llama-2 has no biases)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported")
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    if head_dim * heads != cfg["hidden_size"]:
+        raise NotImplementedError(f"config.json: head_dim {head_dim} x {heads} heads != hidden_size {cfg['hidden_size']}")
+    return LlamaConfig(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=cfg["vocab_size"],
+        ffn_dim=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+    )
+
+
+def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(PyTorch .bin checkpoints are not supported; convert them to safetensors)")
+
+
+def load_hf(cls, path, device=None, dtype=None) -> Llama:
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    with open(os.path.join(path, "config.json")) as f:
+        hf_cfg = json.load(f)
+    cfg = config_from_hf(hf_cfg)
+    if dtype is None:
+        name = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"
+        dtype = getattr(torch, name) if isinstance(name, str) else torch.float32
+    device = torch.device(device if device is not None else "cpu")
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.to_empty(device=device)
+    model.to(dtype)
+    params = dict(model.named_parameters())
+    wanted = {to_hf_name(n): n for n in params}
+    tied = bool(hf_cfg.get("tie_word_embeddings", False))
+    seen = set()
+    for fname in _weight_files(path):
+        with safe_open(os.path.join(path, fname), framework="pt") as f:
+            for key in f.keys():
+                if key not in wanted:
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue  # old checkpoints store this derived buffer
+                    raise ValueError(f"{path}/{fname}: unexpected tensor {key!r}")
+                p = params[wanted[key]]
+                t = f.get_tensor(key)
+                if t.shape != p.shape:
+                    raise ValueError(f"{path}/{fname}: {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                with torch.no_grad():
+                    p.copy_(t)
+                seen.add(key)
+                del t
+    if tied and "lm_head.weight" not in seen:
+        with torch.no_grad():
+            model.output.weight.copy_(model.tok_embeddings.weight)
+        seen.add("lm_head.weight")
+    missing = sorted(set(wanted) - seen)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    model.init_rope()
+    return model
+
+
+def save_hf(model: Llama, path, max_shard_size: int = 5 * 2**30, dtype=None) -> None:
+    """Shards of at most ``max_shard_size`` bytes, with model.safetensors.index.json when more
+    than one. Files are written to a temporary directory and moved in once complete."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    state = {to_hf_name(n): p.detach() for n, p in model.named_parameters()}
+    dtype = dtype or next(iter(state.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    os.makedirs(path, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".save_hf-", dir=path)
+    try:
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map, total = {}, 0
+        for fname, shard in zip(names, shards):
+            # one shard's worth of converted tensors at a time
+            tensors = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in shard.items()}
+            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            for k, v in tensors.items():
+                weight_map[k] = fname
+                total += v.numel() * v.element_size()
+            del tensors
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_to_hf(model.cfg, dtype), f, indent=2)
+        if len(shards) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        new = set(os.listdir(tmp))
+        for fname in sorted(new, key=lambda n: n == "config.json"):  # config last: it marks a complete save
+            os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
+        # a previous save with another shard count must not leave stale shards behind
+        for old in os.listdir(path):
+            is_weights = old == "model.safetensors.index.json" or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", old)
+            if is_weights and old not in new:
+                os.remove(os.path.join(path, old))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
