@@ -93,23 +93,37 @@ def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return idx - cu_seqlens.long()[doc]
 
 
-def _attention(q, k, v, causal, scale, doc_ids=None):
-    # q (batch, seq, n_heads, d); k, v (batch, seq, n_kv_heads, d); doc_ids (seq,) or None
-    b, s, h, d = q.shape
+def _attention(q, k, v, scale, mask=None):
+    # q (batch, sq, n_heads, d); k, v (batch, sk, n_kv_heads, d); mask (sq, sk) bool, True = attend
+    b, sq, h, d = q.shape
     hkv = k.shape[2]
-    qg = q.reshape(b, s, hkv, h // hkv, d)  # GQA as a view: query head j reads kv head j // group
+    qg = q.reshape(b, sq, hkv, h // hkv, d)  # GQA as a view: query head j reads kv head j // group
     scores = _acc(torch.einsum("bqhgd,bkhd->bhgqk", qg, k)) * scale
-    mask = None
-    if causal:
-        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    if doc_ids is not None:
-        same_doc = doc_ids[:, None] == doc_ids[None, :]
-        mask = same_doc if mask is None else mask & same_doc
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     p = torch.softmax(scores, dim=-1).to(v.dtype)
     o = torch.einsum("bhgqk,bkhd->bqhgd", p, v)
-    return o.reshape(b, s, h, d)
+    return o.reshape(b, sq, h, d)
+
+
+def _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen):
+    # q (total, n_heads, d). Query block [qs, qe) can only see keys within max_seqlen - 1 of it,
+    # so each block attends to a band of keys: O(total x max_seqlen) work instead of O(total^2).
+    total = q.shape[0]
+    doc = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=q.device), right=True)
+    pos = torch.arange(total, device=q.device)
+    band = max_seqlen if max_seqlen is not None else total
+    block = max(band, 64)
+    outs = []
+    for qs in range(0, total, block):
+        qe = min(total, qs + block)
+        ks = max(0, qs - band + 1)
+        ke = qe if causal else min(total, qe + band - 1)
+        mask = doc[qs:qe, None] == doc[None, ks:ke]
+        if causal:
+            mask = mask & (pos[None, ks:ke] <= pos[qs:qe, None])
+        outs.append(_attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, mask)[0])
+    return torch.cat(outs)
 
 
 @register("flash_attention", "torch")
@@ -125,14 +139,15 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
     if cu_seqlens is None:
         if rotary is not None:
             q, k = apply_rotary(q, k, rotary[0], rotary[1], position_ids)
-        return _attention(q, k, v, causal, scale)
+        s = q.shape[1]
+        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril() if causal else None
+        return _attention(q, k, v, scale, mask)
     total = q.shape[0]
     if rotary is not None:
         pos = position_ids if position_ids is not None else document_positions(cu_seqlens, total)
         q, k = apply_rotary(q[None], k[None], rotary[0], rotary[1], pos.reshape(1, total))
         q, k = q[0], k[0]
-    doc_ids = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=q.device), right=True)
-    return _attention(q[None], k[None], v[None], causal, scale, doc_ids)[0]
+    return _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
 
 
 # ---------------------------------------------------------------------------- cross-entropy

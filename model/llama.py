@@ -89,7 +89,7 @@ PRESETS: dict[str, dict] = {
     "meditron-7b": _LLAMA2_7B,
     "meditron-70b": _LLAMA2_70B,
     # A CPU-sized model with GQA, for the default training run and tests.
-    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, ffn_dim=688, max_seq_len=1024),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=352, max_seq_len=1024),
 }
 
 

@@ -1,0 +1,307 @@
+"""Training configuration: dataclass sections, TOML files and ``--section.key=value`` overrides.
+
+Precedence: the dataclass defaults (the embedded default, mirrored by configs/default.toml),
+then ``--config FILE``, then command-line overrides. Unknown keys, wrong types and
+inconsistent batch sizes are rejected with a message naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def opt(default, help: str):
+    """A config field with its documentation (shown by ``python -m train --help``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelSection:
+    preset: str = opt("tiny", "model preset: llama2-7b, llama2-13b, llama2-70b, meditron-7b, meditron-70b or tiny")
+    backend: str = opt("auto", "kernel backend for every op: auto, torch, triton or cuda")
+    init_from_hf: str = opt("", "start from this Hugging Face Llama directory (continued pretraining); '' = random init")
+
+
+@dataclass
+class TrainingSection:
+    steps: int = opt(150, "optimizer steps to run in total")
+    micro_batch: int = opt(8, "sequences per micro batch per data-parallel rank")
+    global_batch: int = opt(8, "sequences per optimizer step, over all ranks and accumulation steps")
+    seq_len: int = opt(256, "tokens per sequence")
+    lr: float = opt(2e-3, "peak learning rate, reached after warmup_steps")
+    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = opt(15, "linear warmup steps from 0 to lr")
+    decay_steps: int = opt(0, "steps of cosine decay after warmup; 0 = until training.steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms and embeddings)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-5, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    seed: int = opt(0, "seed for initialisation, data order and dropout-free RNG state")
+    dtype: str = opt("float32", "float32, or bfloat16 (autocast with float32 master weights), or bfloat16-params")
+    device: str = opt("auto", "auto (cuda if available), cpu or cuda")
+    activation_checkpointing: str = opt("none", "none, full (every block), or selective (attention and MLP activation)")
+    compile: bool = opt(False, "torch.compile each transformer block")
+    nan_policy: str = opt("skip", "on a non-finite loss or gradient norm: skip (skip the step and count it) or stop")
+    max_skipped_steps: int = opt(20, "stop when this many steps have been skipped in a row")
+
+
+@dataclass
+class DataSection:
+    paths: list[str] = opt([], "prepared shard directories (python -m train.prepare); [] = the bundled corpus")
+    weights: list[float] = opt([], "blend weight per path (normalised); [] = equal weights, or the bundled mix")
+    tokenizer: str = opt("byte", "byte, or a path to a sentencepiece .model or an HF tokenizer.json")
+    pack: bool = opt(True, "pack documents and pass their boundaries to attention (no cross-document attention)")
+    val_fraction: float = opt(0.05, "fraction of each corpus's documents held out for validation")
+    verify: str = opt("full", "shard check at start-up: full (checksum) or size (sizes and index only)")
+
+
+@dataclass
+class EvalSection:
+    interval: int = opt(50, "validate every this many steps; 0 = never")
+    batches: int = opt(4, "validation micro batches per evaluation")
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = opt(50, "save every this many steps (and at the end); 0 = only at the end")
+    keep_last: int = opt(2, "complete checkpoints to keep")
+
+
+@dataclass
+class MetricsSection:
+    log_interval: int = opt(10, "log every this many steps")
+    peak_tflops: float = opt(0.0, "peak dense TFLOP/s per device for MFU; 0 = from the device table (null on CPU)")
+    tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")
+
+
+@dataclass
+class ParallelSection:
+    tp: int = opt(1, "tensor-parallel degree (heads and MLP split across ranks)")
+    pp: int = opt(1, "pipeline-parallel stages")
+    pp_schedule: str = opt("1f1b", "pipeline schedule: 1f1b, interleaved-1f1b, zbv or gpipe")
+    virtual_stages: int = opt(1, "pipeline stages per rank (interleaved schedules)")
+    fsdp: bool = opt(True, "shard parameters, gradients and optimizer state over data-parallel ranks (FSDP2)")
+    sequence_parallel: bool = opt(True, "shard norms and residuals over the sequence inside a TP group")
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    out_dir: str = opt("runs/default", "output directory: metrics.jsonl, checkpoints/")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+CHOICES = {
+    "model.backend": ("auto", "torch", "triton", "cuda"),
+    "training.dtype": ("float32", "bfloat16", "bfloat16-params"),
+    "training.device": ("auto", "cpu", "cuda"),
+    "training.activation_checkpointing": ("none", "full", "selective"),
+    "training.nan_policy": ("skip", "stop"),
+    "data.verify": ("full", "size"),
+    "parallel.pp_schedule": ("1f1b", "interleaved-1f1b", "zbv", "gpipe"),
+}
+
+
+def _sections(cfg: Config) -> dict[str, object]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(f.type) or
+            dataclasses.is_dataclass(getattr(cfg, f.name))}
+
+
+def _coerce(key: str, value, typ):
+    """value (from TOML, or a string from the command line) as typ, or a ConfigError naming key."""
+    origin = typing.get_origin(typ)
+    from_cli = isinstance(value, str) and typ is not str
+    try:
+        if origin is list:
+            (inner,) = typing.get_args(typ)
+            if isinstance(value, str):
+                text = value.strip()
+                if text.startswith("["):
+                    value = tomllib.loads(f"v = {text}")["v"]
+                else:
+                    value = [v.strip() for v in text.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            return [_coerce(key, v, inner) for v in value]
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if from_cli and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if from_cli and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise TypeError
+        if typ is int:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, int):
+                return value
+            if from_cli:
+                return int(value)
+            raise TypeError
+        if typ is float:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, (int, float)):
+                return float(value)
+            if from_cli:
+                return float(value)
+            raise TypeError
+        if typ is str:
+            if isinstance(value, str):
+                return value
+            raise TypeError
+    except (TypeError, ValueError):
+        pass
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    parts = key.split(".")
+    if len(parts) == 1:
+        top = {f.name: f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(getattr(cfg, f.name))}
+        if key not in top:
+            raise ConfigError(f"unknown config key {key!r}")
+        hints = typing.get_type_hints(Config)
+        setattr(cfg, key, _coerce(key, value, hints[key]))
+        return
+    if len(parts) != 2:
+        raise ConfigError(f"unknown config key {key!r}: keys look like section.key")
+    section_name, name = parts
+    sections = _sections(cfg)
+    if section_name not in sections:
+        raise ConfigError(f"unknown config section {section_name!r} in {key!r}; sections: {sorted(sections)}")
+    section = sections[section_name]
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise ConfigError(f"unknown config key {key!r}; {section_name} has {sorted(hints)}")
+    setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def apply_toml(cfg: Config, path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from None
+    for k, v in data.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                _set(cfg, f"{k}.{kk}", vv)
+        else:
+            _set(cfg, k, v)
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Consistency checks that need more than one key; each error names the keys involved."""
+    from model import PRESETS
+
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset must be one of {sorted(PRESETS)}, got {cfg.model.preset!r}")
+    t, p = cfg.training, cfg.parallel
+    for key in ("steps", "micro_batch", "global_batch", "seq_len"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"training.{key} must be positive, got {getattr(t, key)}")
+    for key in ("tp", "pp", "virtual_stages"):
+        if getattr(p, key) <= 0:
+            raise ConfigError(f"parallel.{key} must be positive, got {getattr(p, key)}")
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
+                          f"{p.tp} x {p.pp} = {p.tp * p.pp}")
+    dp = world_size // (p.tp * p.pp)
+    if t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(f"training.global_batch ({t.global_batch}) must be divisible by training.micro_batch x dp "
+                          f"({t.micro_batch} x {dp} = {t.micro_batch * dp})")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"need 0 <= training.min_lr <= training.lr and lr > 0, got lr={t.lr}, min_lr={t.min_lr}")
+    if t.warmup_steps < 0 or t.decay_steps < 0:
+        raise ConfigError("training.warmup_steps and training.decay_steps must be >= 0")
+    d = cfg.data
+    if d.weights and len(d.weights) != len(d.paths):
+        raise ConfigError(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
+    if any(w < 0 for w in d.weights) or (d.weights and sum(d.weights) <= 0):
+        raise ConfigError(f"data.weights must be non-negative with a positive sum, got {d.weights}")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    if cfg.metrics.log_interval < 1:
+        raise ConfigError(f"metrics.log_interval must be >= 1, got {cfg.metrics.log_interval}")
+
+
+def parse_args(argv: list[str]) -> tuple[Config, dict]:
+    """-> (config, flags) where flags holds resume / init_from_hf given on the command line.
+
+    Accepts --config FILE, --out-dir DIR, --steps N, --resume, --init-from-hf PATH and
+    --section.key=value (or --section.key value)."""
+    cfg = Config()
+    flags = {"resume": False, "config": None}
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if name == "resume":
+            if eq:
+                raise ConfigError("--resume takes no value")
+            flags["resume"] = True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{name} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        aliases = {"out-dir": "out_dir", "steps": "training.steps", "init-from-hf": "model.init_from_hf"}
+        if name == "config":
+            flags["config"] = value
+        else:
+            overrides.append((aliases.get(name, name), value))
+    config_path = flags["config"] or os.path.join(CONFIG_DIR, "default.toml")
+    apply_toml(cfg, config_path)
+    for key, value in overrides:
+        _set(cfg, key, value)
+    return cfg, flags
+
+
+def help_text() -> str:
+    lines = ["usage: python -m train [--config FILE] [--out-dir DIR] [--steps N] [--resume] [--init-from-hf PATH]",
+             "                       [--section.key=value ...]", "", "config keys (default):"]
+    cfg = Config()
+    for sname, section in _sections(cfg).items():
+        for f in dataclasses.fields(section):
+            lines.append(f"  --{sname}.{f.name}={getattr(section, f.name)!r}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+    lines.append(f"  --out_dir={cfg.out_dir!r}")
+    return "\n".join(lines)

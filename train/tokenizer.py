@@ -1,0 +1,89 @@
+"""Tokenizers: a byte-level default, or a local sentencepiece .model / HF tokenizer.json file.
+
+Nothing is downloaded. Every tokenizer gives ``encode(text) -> list[int]`` without special
+tokens, plus ``bos_id``, ``eos_id``, ``vocab_size`` and a ``fingerprint`` that prepared shards
+record, so shards made with one tokenizer are never read with another.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, then BOS = 256 and EOS = 257."""
+
+    vocab_size = 258
+    bos_id = 256
+    eos_id = 257
+    fingerprint = "byte-v1"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = self._sp.bos_id()
+        self.eos_id = self._sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"data.tokenizer {path!r}: the sentencepiece model defines no BOS/EOS pieces")
+        self.fingerprint = f"sentencepiece-{_file_digest(path)}"
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode(list(ids))
+
+
+class HFTokenizer:
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = {t: self._tok.token_to_id(t) for t in ("<s>", "</s>", "<|begin_of_text|>", "<|end_of_text|>",
+                                                      "<|endoftext|>", "[BOS]", "[EOS]")}
+        self.bos_id = next((ids[t] for t in ("<s>", "<|begin_of_text|>", "[BOS]") if ids[t] is not None), None)
+        self.eos_id = next((ids[t] for t in ("</s>", "<|end_of_text|>", "<|endoftext|>", "[EOS]") if ids[t] is not None),
+                           None)
+        if self.eos_id is None:
+            raise ValueError(f"data.tokenizer {path!r}: no end-of-text token (</s>, <|endoftext|>, ...) in the vocabulary")
+        if self.bos_id is None:
+            self.bos_id = self.eos_id
+        self.fingerprint = f"hf-{_file_digest(path)}"
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids))
+
+
+def load_tokenizer(spec: str):
+    """'byte', or a path to a sentencepiece ``.model`` or an HF ``tokenizer.json``."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if not os.path.isfile(spec):
+        raise ValueError(f"data.tokenizer must be 'byte' or an existing tokenizer file, got {spec!r}")
+    if spec.endswith(".json"):
+        return HFTokenizer(spec)
+    if spec.endswith(".model"):
+        return SentencePieceTokenizer(spec)
+    raise ValueError(f"data.tokenizer {spec!r}: expected a sentencepiece .model or an HF tokenizer.json file")
