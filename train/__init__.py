@@ -1,0 +1,1 @@
+"""Training: configuration, data, parallelism, checkpoints, metrics and the cluster planner."""
