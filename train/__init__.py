@@ -1,1 +1,1 @@
-"""The trainer: python -m train."""
+"""The trainer: python -m train (and python -m train.plan, the cluster cost model)."""
