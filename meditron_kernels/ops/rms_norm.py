@@ -50,7 +50,8 @@ def _rms_norm_fwd_kernel(
     N,  # hidden size
     eps,  # added to mean(x^2) before the rsqrt
     BLOCK_M: tl.constexpr,  # rows per program
-    BLOCK_N: tl.constexpr,  # columns per tile; >= N means the whole row is held in registers
+    BLOCK_N: tl.constexpr,  # columns per tile
+    WHOLE_ROW: tl.constexpr,  # BLOCK_N >= N: the row is held in registers, read once
     HAS_RESIDUAL: tl.constexpr,  # fused pre-norm add
 ):
     pid = tl.program_id(0)
@@ -61,7 +62,7 @@ def _rms_norm_fwd_kernel(
     r_rows = R + rows[:, None] * stride_r
     y_rows = Y + rows[:, None] * N
     h_rows = H + rows[:, None] * N
-    if BLOCK_N >= N:
+    if WHOLE_ROW:
         cols = tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols < N)[None, :]
         # Loads are cast to float32 before any arithmetic: that is the statistics precision,
@@ -139,7 +140,7 @@ def _rms_norm_bwd_kernel(
     X,  # (rows, N) the normalised input: x, or h in the fused case; unit column stride
     DH,  # (rows, N) gradient arriving at h from downstream, read only when HAS_DH
     W,  # (N,) weight
-    STATS,  # (rows, 2) float32 rstd and c from the stats kernel, read only when BLOCK_N < N
+    STATS,  # (rows, 2) float32 rstd and c from the stats kernel, read only when not WHOLE_ROW
     DX,  # (rows, N) out, contiguous: gradient of x (and of the residual: both are dh)
     DW_PARTIAL,  # (programs along rows, N) float32 out: this program's sum of dy * xhat
     stride_dy,  # elements between rows of DY
@@ -150,7 +151,8 @@ def _rms_norm_bwd_kernel(
     eps,  # as in the forward
     rows_per_program,  # a multiple of BLOCK_M: program i owns rows [i * rows_per_program, ...)
     BLOCK_M: tl.constexpr,  # rows per tile
-    BLOCK_N: tl.constexpr,  # columns per program; >= N means whole rows in registers
+    BLOCK_N: tl.constexpr,  # columns per program
+    WHOLE_ROW: tl.constexpr,  # BLOCK_N >= N: the row statistics are computed here, in registers
     HAS_DH: tl.constexpr,  # fused case: add the gradient that reached h directly
     COMPUTE_DW: tl.constexpr,  # whether weight needs a gradient
     NUM_STAGES: tl.constexpr,  # row tiles in flight in the software pipeline
@@ -176,7 +178,7 @@ def _rms_norm_bwd_kernel(
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         wdy = w[None, :] * dy
-        if BLOCK_N >= N:
+        if WHOLE_ROW:
             rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
             xhat = x * rstd[:, None]
             c = tl.sum(xhat * wdy, axis=1) / N
@@ -276,7 +278,8 @@ def _fwd_launch(x2, r2, w, y, h, eps: float) -> Launch:
     has_res = r2 is not None
     args = dict(X=x2, R=r2 if has_res else x2, W=w, Y=y, H=h if has_res else y,
                 stride_x=x2.stride(0), stride_r=(r2 if has_res else x2).stride(0), n_rows=n_rows, N=n,
-                eps=eps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_RESIDUAL=has_res)
+                eps=eps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WHOLE_ROW=cfg.block_n >= n,
+                HAS_RESIDUAL=has_res)
     name = "rms_norm_fwd" + ("_residual" if has_res else "")
     return Launch(name, _rms_norm_fwd_kernel, args, cfg.num_warps, cfg.num_stages,
                   grid=(triton.cdiv(n_rows, cfg.block_m),))
@@ -308,7 +311,7 @@ def _bwd_launches(dy2, x2, dh2, w, dx, eps: float, compute_dw: bool, n_sms: int)
                 DX=dx, DW_PARTIAL=partial, stride_dy=dy2.stride(0), stride_x=x2.stride(0),
                 stride_dh=(dh2 if has_dh else dy2).stride(0), n_rows=n_rows, N=n, eps=eps,
                 rows_per_program=rows_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                HAS_DH=has_dh, COMPUTE_DW=compute_dw, NUM_STAGES=cfg.num_stages)
+                WHOLE_ROW=cfg.block_n >= n, HAS_DH=has_dh, COMPUTE_DW=compute_dw, NUM_STAGES=cfg.num_stages)
     name = "rms_norm_bwd" + ("_residual" if has_dh else "")
     main = Launch(name, _rms_norm_bwd_kernel, args, cfg.num_warps, cfg.num_stages, grid=(programs_m, n_col_tiles))
     return stats_launch, main, (partial if compute_dw else None)
