@@ -23,6 +23,8 @@ correction term together, so saving rstd would not remove that pass either.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -33,7 +35,9 @@ from .. import _validate as V
 from .._static import Launch
 from ..backend import register
 
-MAX_HIDDEN = 65536  # the backward's dweight partials and the streaming chunks are sized for it
+# The supported hidden sizes: tested up to here. Nothing in the streaming paths breaks above it,
+# but nothing above it is validated, so it is refused rather than silently trusted.
+MAX_HIDDEN = 65536
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -233,6 +237,7 @@ ELEMS_PER_THREAD = 16  # two 128-bit vectors per thread per 16-bit tensor, four 
 PIPELINE_SMEM = 96 * 1024
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -338,7 +343,10 @@ def _bwd_launches(dy2, x2, dh2, w, dx, eps: float, compute_dw: bool, n_sms: int)
 
 
 def _run(launch: Launch) -> None:
-    launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    # Triton launches on the current device; the tensors' device must be current.
+    device = launch.args["X"].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float):

@@ -18,6 +18,7 @@ product, and dout * u before the silu backward).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -172,7 +173,10 @@ def _bwd_launch(do2, g2, u2, dg2, du2, name: str = "swiglu_bwd") -> Launch:
 
 
 def _run(launch: Launch) -> None:
-    launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    # Triton launches on the current device; the tensors' device must be current.
+    device = launch.args["G"].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
 def _packed_halves(gate_up: torch.Tensor):
