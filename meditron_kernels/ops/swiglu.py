@@ -1,0 +1,316 @@
+"""SwiGLU, silu(gate) * up, as Triton kernels; also on the packed [gate | up] output of one
+fused w1|w3 GEMM.
+
+    out   = silu(g) * u                                   silu(g) = g * sigmoid(g)
+    du    = dout * silu(g)
+    dg    = dout * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+
+Element-wise and memory-bound. Bytes per element in a 16-bit dtype: the forward reads g and u
+and writes out (6); the backward reads dout, g and u and writes dg and du (10). Nothing else is
+saved or moved: the backward recomputes sigmoid(g) from g, which it reads anyway, and writes
+fresh gradient tensors, never into its inputs. The packed entry point reads gate and up as two
+column ranges of one (..., 2 * ffn) tensor and its backward writes both halves of one
+(..., 2 * ffn) gradient, which is what the fused GEMM's backward consumes; no split or concat
+copy is made in either direction.
+
+All arithmetic is float32 with one rounding at the end (torch rounds silu(g) before the
+product, and dout * u before the silu backward).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _validate as V
+from .._static import Launch
+from ..backend import register
+
+
+# ---------------------------------------------------------------------------- kernels
+@triton.jit
+def _round(x, dtype: tl.constexpr, BY_HAND: tl.constexpr):
+    """float32 x -> dtype, to nearest even. On a GPU that is the plain cast; the Triton
+    interpreter's float32 -> bfloat16 cast truncates instead (up to one ulp off, twice torch's
+    error), so there (BY_HAND) x is first rounded onto the bfloat16 grid on its bits."""
+    if BY_HAND:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    G,  # (rows, N) gate; unit column stride
+    U,  # (rows, N) up; unit column stride
+    O,  # (rows, N) out, contiguous
+    stride_g,  # elements between rows of G
+    stride_u,  # elements between rows of U
+    n_rows,  # number of rows
+    N,  # columns (ffn)
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # columns per tile
+    ROUND_BY_HAND: tl.constexpr,  # bfloat16 output under the interpreter: see _round
+):
+    # Column tiles vary fastest across program ids, so neighbouring programs stream
+    # neighbouring memory.
+    pid = tl.program_id(0)
+    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    rows = (pid // n_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    rows = rows.to(tl.int64)
+    # float32 before any arithmetic: the precision we want, and the only correct form for
+    # bfloat16 under the Triton interpreter.
+    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = g / (1.0 + tl.exp(-g)) * u
+    tl.store(O + rows[:, None] * N + cols[None, :], _round(out, O.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DO,  # (rows, N) gradient of out; unit column stride
+    G,  # (rows, N) gate; unit column stride
+    U,  # (rows, N) up; unit column stride
+    DG,  # (rows, N) out: gradient of gate; unit column stride
+    DU,  # (rows, N) out: gradient of up; unit column stride
+    stride_do,  # elements between rows of DO
+    stride_g,  # elements between rows of G
+    stride_u,  # elements between rows of U
+    stride_dg,  # elements between rows of DG (2 * N when DG and DU are halves of one packed gradient)
+    stride_du,  # elements between rows of DU
+    n_rows,  # number of rows
+    N,  # columns (ffn)
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # columns per tile
+    ROUND_BY_HAND: tl.constexpr,  # bfloat16 output under the interpreter: see _round
+):
+    pid = tl.program_id(0)
+    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    rows = (pid // n_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    rows = rows.to(tl.int64)
+    do = tl.load(DO + rows[:, None] * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # exp(-g) overflows to inf for g < -88: sig is then exactly 0 and both gradients exactly 0.
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    du = do * (g * sig)
+    dg = do * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(DG + rows[:, None] * stride_dg + cols[None, :], _round(dg, DG.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+    tl.store(DU + rows[:, None] * stride_du + cols[None, :], _round(du, DU.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+
+
+# ---------------------------------------------------------------------------- configuration
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 1
+
+
+# Elements per program: 24 KB of traffic per forward program and 40 KB per backward program
+# in 16-bit, large enough that launch and tail costs vanish, small enough for many programs
+# per SM (the latency hiding of a loop-free element-wise kernel).
+TILE_ELEMS = 4096
+ELEMS_PER_THREAD = 16  # two 128-bit vectors per 16-bit tensor per thread, four in float32
+
+
+def swiglu_config(n_cols: int) -> Config:
+    """Tile and warps for rows of ``n_cols`` (ffn) elements, forward and backward alike.
+    Short rows are packed several to a tile so every program moves a full TILE_ELEMS."""
+    block_n = min(triton.next_power_of_2(n_cols), TILE_ELEMS)
+    block_m = TILE_ELEMS // block_n
+    num_warps = max(1, min(16, block_m * block_n // (32 * ELEMS_PER_THREAD)))
+    return Config(block_m, block_n, num_warps)
+
+
+# ---------------------------------------------------------------------------- launchers
+def _round_by_hand(t: torch.Tensor) -> bool:
+    """Whether a kernel storing t's dtype must round by hand: bfloat16 on the CPU, which only
+    the interpreter runs."""
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (rows, N) with unit column stride: a view when the strides allow it, else
+    one deliberate copy (a column stride other than 1 would also defeat vector loads)."""
+    if t.dim() == 0:
+        t = t.reshape(1)
+    n = t.shape[-1]
+    if t.stride(-1) == 1:
+        try:
+            return t.view(-1, n)
+        except RuntimeError:
+            pass
+    return t.contiguous().view(-1, n)
+
+
+def _grid(n_rows: int, n_cols: int, cfg: Config) -> tuple[int]:
+    return (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_cols, cfg.block_n),)
+
+
+def _fwd_launch(g2, u2, out2, name: str = "swiglu_fwd") -> Launch:
+    n_rows, n = g2.shape
+    cfg = swiglu_config(n)
+    args = dict(G=g2, U=u2, O=out2, stride_g=g2.stride(0), stride_u=u2.stride(0), n_rows=n_rows, N=n,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROUND_BY_HAND=_round_by_hand(g2))
+    return Launch(name, _swiglu_fwd_kernel, args, cfg.num_warps, cfg.num_stages, grid=_grid(n_rows, n, cfg))
+
+
+def _bwd_launch(do2, g2, u2, dg2, du2, name: str = "swiglu_bwd") -> Launch:
+    n_rows, n = g2.shape
+    cfg = swiglu_config(n)
+    args = dict(DO=do2, G=g2, U=u2, DG=dg2, DU=du2, stride_do=do2.stride(0), stride_g=g2.stride(0),
+                stride_u=u2.stride(0), stride_dg=dg2.stride(0), stride_du=du2.stride(0), n_rows=n_rows, N=n,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROUND_BY_HAND=_round_by_hand(g2))
+    return Launch(name, _swiglu_bwd_kernel, args, cfg.num_warps, cfg.num_stages, grid=_grid(n_rows, n, cfg))
+
+
+def _run(launch: Launch) -> None:
+    # Triton launches on the current device; the tensors' device must be current.
+    device = launch.args["G"].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def _packed_halves(gate_up: torch.Tensor):
+    """(..., 2F) -> gate, up as (rows, F) views of one (rows, 2F) tensor."""
+    v = _rows(gate_up)
+    f = v.shape[1] // 2
+    return v[:, :f], v[:, f:]
+
+
+def _check(t: torch.Tensor, name: str) -> None:
+    V.kernel_dtype(t, name, "triton")
+
+
+# ---------------------------------------------------------------------------- torch ops
+@torch.library.custom_op("meditron_kernels::triton_swiglu", mutates_args=())
+def swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (...) -> silu(gate) * up (...)."""
+    _check(gate, "gate")
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        g2, u2 = _rows(gate), _rows(up)
+        _run(_fwd_launch(g2, u2, out.view(g2.shape)))
+    return out
+
+
+@swiglu_op.register_fake
+def _(gate, up):
+    _check(gate, "gate")
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@torch.library.custom_op("meditron_kernels::triton_swiglu_backward", mutates_args=())
+def swiglu_backward_op(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dout, gate, up (...) -> dgate, dup (...)."""
+    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if dg.numel():
+        g2 = _rows(gate)
+        _run(_bwd_launch(_rows(dout), g2, _rows(up), dg.view(g2.shape), du.view(g2.shape)))
+    return dg, du
+
+
+@swiglu_backward_op.register_fake
+def _(dout, gate, up):
+    return (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+            torch.empty(gate.shape, dtype=gate.dtype, device=gate.device))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    dg, du = swiglu_backward_op(dout, gate, up)
+    return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
+
+
+swiglu_op.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("meditron_kernels::triton_swiglu_packed", mutates_args=())
+def swiglu_packed_op(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (..., 2F) = [gate | up] -> silu(gate) * up (..., F)."""
+    _check(gate_up, "gate_up")
+    f = gate_up.shape[-1] // 2
+    out = torch.empty((*gate_up.shape[:-1], f), dtype=gate_up.dtype, device=gate_up.device)
+    if out.numel():
+        g2, u2 = _packed_halves(gate_up)
+        _run(_fwd_launch(g2, u2, out.view(g2.shape), "swiglu_packed_fwd"))
+    return out
+
+
+@swiglu_packed_op.register_fake
+def _(gate_up):
+    _check(gate_up, "gate_up")
+    return torch.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=gate_up.dtype, device=gate_up.device)
+
+
+@torch.library.custom_op("meditron_kernels::triton_swiglu_packed_backward", mutates_args=())
+def swiglu_packed_backward_op(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """dout (..., F), gate_up (..., 2F) -> dgate_up (..., 2F) = [dgate | dup]."""
+    dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+    if dout.numel():
+        g2, u2 = _packed_halves(gate_up)
+        dg2, du2 = _packed_halves(dgu)
+        _run(_bwd_launch(_rows(dout), g2, u2, dg2, du2, "swiglu_packed_bwd"))
+    return dgu
+
+
+@swiglu_packed_backward_op.register_fake
+def _(dout, gate_up):
+    return torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+
+
+def _setup_packed(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward_packed(ctx, dout):
+    (gate_up,) = ctx.saved_tensors
+    return swiglu_packed_backward_op(dout, gate_up)
+
+
+swiglu_packed_op.register_autograd(_backward_packed, setup_context=_setup_packed)
+
+
+@register("swiglu", "triton")
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (...) -> silu(gate) * up (...)."""
+    return swiglu_op(gate, up)
+
+
+@register("swiglu_packed", "triton")
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (..., 2 * ffn) -> (..., ffn)."""
+    return swiglu_packed_op(gate_up)
+
+
+# ---------------------------------------------------------------------------- static checks
+def static_launches() -> list[Launch]:
+    """The launches of a 16k-token bf16 step at ffn 28672 (Llama-2-70B), plain and packed,
+    built by the run-time launch functions on meta tensors."""
+    rows, f = 16384, 28672
+
+    def t(*shape):
+        return torch.empty(shape, dtype=torch.bfloat16, device="meta")
+
+    gu, dgu = t(rows, 2 * f), t(rows, 2 * f)
+    g, u = gu[:, :f], gu[:, f:]
+    dg, du = dgu[:, :f], dgu[:, f:]
+    return [
+        _fwd_launch(t(rows, f), t(rows, f), t(rows, f)),
+        _bwd_launch(t(rows, f), t(rows, f), t(rows, f), t(rows, f), t(rows, f)),
+        _fwd_launch(g, u, t(rows, f), "swiglu_packed_fwd"),
+        _bwd_launch(t(rows, f), g, u, dg, du, "swiglu_packed_bwd"),
+    ]
