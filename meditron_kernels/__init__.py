@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import _validate as V
-from . import reference
+from . import reference  # noqa: F401  (registers the torch backend)
 from .backend import BACKENDS, dispatch, get_backend, set_backend, use_backend
 from .reference import rotary_cos_sin as _rotary_cos_sin
 

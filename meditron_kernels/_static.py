@@ -163,3 +163,29 @@ def report(launch: Launch, cc: int) -> dict[str, Any]:
     rec.update(sass_facts(_sass(cubin)))
     rec.update(occupancy(registers, shared, launch.num_warps, cc))
     return rec
+
+
+def module_reports(module: str, ccs=(80, 90)) -> dict[str, dict[str, Any]]:
+    """``report`` of every launch in ``module.static_launches()``, keyed ``"<launch name>@<cc>"``.
+
+    With the Triton interpreter on, ``triton.jit`` yields interpreted functions (``tl.sum`` and
+    friends included) that ``triton.compile`` cannot lower, so the compilation then runs in a
+    child process with TRITON_INTERPRET removed from its environment.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        import importlib
+
+        mod = importlib.import_module(module)
+        return {f"{launch.name}@{cc}": report(launch, cc) for launch in mod.static_launches() for cc in ccs}
+    import json
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    code = ("import json, sys; from meditron_kernels._static import module_reports; "
+            f"json.dump(module_reports({module!r}, {tuple(ccs)!r}), sys.stdout)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"static compilation of {module} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout)

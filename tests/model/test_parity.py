@@ -7,7 +7,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import meditron_kernels as mk  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from model.hf import to_hf_name  # noqa: E402
 

@@ -1,14 +1,11 @@
 """meditron_kernels/ops/swiglu.py: the Triton SwiGLU, plain and packed, under the interpreter on the CPU."""
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import meditron_kernels as mk
+from meditron_kernels._static import module_reports
 from helpers import assert_close_rule
 from meditron_kernels.ops import swiglu as ops
 
@@ -194,21 +191,9 @@ def test_compile_fullgraph_matches_eager():
 
 
 # ---------------------------------------------------------------------------- static GPU checks
-# Compiled in a child process without TRITON_INTERPRET: with the interpreter on, triton.jit
-# yields interpreted functions that triton.compile cannot lower.
-def _static_reports(module: str) -> dict:
-    code = ("import json, sys; from importlib import import_module; from meditron_kernels._static import report; "
-            f"m = import_module({module!r}); "
-            "json.dump({f'{l.name}@{cc}': report(l, cc) for l in m.static_launches() for cc in (80, 90)}, sys.stdout)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout)
-
-
 @pytest.fixture(scope="module")
 def static_reports():
-    return _static_reports("meditron_kernels.ops.swiglu")
+    return module_reports("meditron_kernels.ops.swiglu")
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from train.config import Config
 from train.trainer import Hooks, TrainingStopped, run
