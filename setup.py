@@ -63,8 +63,8 @@ def cuda_extensions():
         return _skip("torch is not importable in the build environment (use pip install --no-build-isolation)")
     if torch.version.cuda is None:
         return _skip(f"torch {torch.__version__} is a CPU build")
-    if CUDA_HOME is None:
-        return _skip("no CUDA toolkit found (set CUDA_HOME)")
+    if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return _skip(f"no CUDA toolkit found at CUDA_HOME={CUDA_HOME} (set CUDA_HOME to the toolkit's root)")
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", _max_jobs())
     # No -std flag: torch adds the C++ standard its own headers need (C++20 for torch 2.14).

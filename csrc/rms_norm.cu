@@ -6,8 +6,9 @@
 //   backward reads h, dy (+ dh), writes dx, and recomputes rstd instead of storing it: the
 //            sum of squares comes free in the same reduction as sum(dy * w * h).
 // dweight is deterministic and atomic-free: each row group of the persistent backward grid
-// accumulates its rows into fp32 registers and writes one partial row; a second kernel sums the
-// partials in a fixed order.
+// accumulates its rows in fp32 (in shared memory) and writes one partial row; a second kernel
+// sums the partials in a fixed order. The grid depends only on the device and the shape, so two
+// runs on the same GPU give the same bits.
 #include <type_traits>
 
 #include "common.cuh"

@@ -7,15 +7,21 @@ nvcc plus setup.py's own, so the code inspected is the code that runs.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
+ARCHS = (80, 90)
+
 # setup.py's nvcc flags and the defines torch.utils.cpp_extension adds for every CUDA source.
+# torch also picks the C++ standard (C++20 for torch 2.14); C++17 here keeps older torch covered.
 NVCC_FLAGS = [
     "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
     "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -97,16 +103,16 @@ def _demangle(names: list[str], nvcc: str) -> dict[str, str]:
 
 
 def _short(demangled: str) -> str:
-    """'void mk::rms_norm_fwd_kernel<float, float, 4, 2>(const float *, ...)' -> 'rms_norm_fwd_kernel<float, float, 4, 2>'."""
+    """'void mk::rms_norm_fwd_kernel<float, float, 4, 4>(const float *, ...)' -> 'rms_norm_fwd_kernel<float, float, 4, 4>'."""
     s = demangled.removeprefix("void ")
-    depth, cut = 0, len(s)
+    depth = 0
     for i, ch in enumerate(s):  # the argument list starts at the first '(' outside template brackets
-        depth += ch == "<"
-        depth -= ch == ">"
+        depth += (ch == "<") - (ch == ">")
         if ch == "(" and depth == 0:
-            cut = i
+            s = s[:i]
             break
-    return s[:cut].split("::")[-1] if "<" not in s[:cut] else re.sub(r"^.*?::(?=[A-Za-z_]\w*<)", "", s[:cut]).split("::")[-1]
+    head, _, rest = s.partition("<")
+    return head.split("::")[-1] + ("<" + rest if rest else "")
 
 
 def inspect_cubin(cubin: str, ptxas_log: str, cuobjdump: str, nvcc: str) -> list[KernelStats]:
@@ -131,3 +137,55 @@ def inspect_cubin(cubin: str, ptxas_log: str, cuobjdump: str, nvcc: str) -> list
         stats.append(KernelStats(mangled, _short(names[mangled]), reg, stack, local, shared, st, ld,
                                  _widths(body, "LDG"), _widths(body, "STG")))
     return stats
+
+
+def template_args(name: str) -> list[str]:
+    """'k<float, true, 4>' -> ['float', 'true', '4'] (top-level arguments only)."""
+    if "<" not in name:
+        return []
+    inner = name[name.index("<") + 1:name.rindex(">")]
+    out, depth, cur = [], 0, ""
+    for ch in inner:
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        depth += (ch == "<") - (ch == ">")
+        cur += ch
+    return out + [cur.strip()]
+
+
+def compile_all(out_dir: str, archs=ARCHS, jobs: int | None = None) -> dict[tuple[str, int], list[KernelStats]]:
+    """Every csrc/*.cu for every arch, nvcc runs in parallel: {(file, cc): [KernelStats]}."""
+    nvcc = find_nvcc()
+    cuobjdump = find_cuobjdump(nvcc)
+    if nvcc is None or cuobjdump is None:
+        raise RuntimeError(f"need nvcc and cuobjdump (found nvcc={nvcc}, cuobjdump={cuobjdump})")
+
+    def one(key):
+        src, cc = key
+        cubin, log = compile_cubin(os.path.join(CSRC, src), cc, out_dir, nvcc)
+        return key, inspect_cubin(cubin, log, cuobjdump, nvcc)
+
+    keys = [(src, cc) for src in cu_sources() for cc in archs]
+    workers = jobs or max(1, min(len(keys), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return dict(pool.map(one, keys))
+
+
+def main() -> None:
+    """python -m meditron_kernels._csrc_static: registers, spills, stack and access widths per kernel."""
+    with tempfile.TemporaryDirectory() as d:
+        stats = compile_all(d)
+    print(f"{'arch':6}{'kernel':62}{'regs':>5}{'stack':>6}{'spill st/ld':>12}{'smem':>6}  widest LDG/STG")
+    for (src, cc), kernels in sorted(stats.items()):
+        for k in kernels:
+            print(f"sm_{cc:<3} {k.name:61}{k.registers:5}{k.stack:6}{k.spill_stores:>7}/{k.spill_loads:<4}{k.shared:6}"
+                  f"  {max(k.ldg_bits, default=0)}/{max(k.stg_bits, default=0)}")
+    bad = [k.name for ks in stats.values() for k in ks if k.stack or k.local or k.spill_stores or k.spill_loads]
+    print(f"{sum(map(len, stats.values()))} kernels, {len(bad)} with stack or spills")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
