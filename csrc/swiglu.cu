@@ -15,7 +15,7 @@ constexpr int kThreads = 128;
 constexpr int kFwdUnroll = 4;
 constexpr int kBwdUnroll = 2;
 
-// e = exp(-g). 16-bit outputs take the fast exp/divide: their ~2 ulp fp32 error disappears in
+// num / (1 + exp(-g)). 16-bit outputs take the fast exp/divide: their ~2 ulp fp32 error disappears in
 // the final rounding to 8 or 11 mantissa bits. fp32 keeps IEEE division, as torch's silu does.
 template <typename T>
 __device__ __forceinline__ float div_1pe(float num, float g) {
