@@ -8,6 +8,7 @@ MAX_JOBS defaults to what free memory allows (about 3 GB per nvcc job).
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -21,15 +22,19 @@ def _skip(reason: str):
 
 
 def _gencode_flags(arch_list: str) -> list[str]:
+    """"8.0;9.0" -> a cubin per arch plus PTX of the newest (JIT-compiled by newer GPUs).
+    Accepts torch's spellings: separators ; , or space, "+PTX" suffixes, "9.0a"."""
     archs = []
     for a in arch_list.replace(",", ";").replace(" ", ";").split(";"):
-        a = a.strip().replace("+PTX", "")
-        if a:
-            archs.append(a.replace(".", ""))
+        a = a.strip().replace("+PTX", "").replace(".", "")
+        if a and a not in archs:
+            if not re.fullmatch(r"\d+[af]?", a):
+                raise ValueError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: cannot read {a!r} (use numbers like 8.0;9.0)")
+            archs.append(a)
     if not archs:
         raise ValueError(f"TORCH_CUDA_ARCH_LIST={arch_list!r} names no architecture")
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    newest = max(archs, key=int)
+    newest = max(archs, key=lambda a: int(re.match(r"\d+", a).group()))
     flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
     return flags
 
@@ -41,7 +46,8 @@ def _max_jobs() -> str:
         by_mem = max(1, avail_kb // (3 * 1024 * 1024))
     except (OSError, StopIteration, ValueError):
         by_mem = 1
-    return str(max(1, min(os.cpu_count() or 1, by_mem)))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return str(max(1, min(cpus, by_mem)))
 
 
 def cuda_extensions():
@@ -57,16 +63,18 @@ def cuda_extensions():
         return _skip("torch is not importable in the build environment (use pip install --no-build-isolation)")
     if torch.version.cuda is None:
         return _skip(f"torch {torch.__version__} is a CPU build")
-    if CUDA_HOME is None:
-        return _skip("no CUDA toolkit found (set CUDA_HOME)")
+    if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return _skip(f"no CUDA toolkit found at CUDA_HOME={CUDA_HOME} (set CUDA_HOME to the toolkit's root)")
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", _max_jobs())
+    # No -std flag: torch adds the C++ standard its own headers need (C++20 for torch 2.14).
+    # The nvcc flags are mirrored by meditron_kernels/_csrc_static.py, which checks the SASS.
     ext = CUDAExtension(
         name="meditron_kernels._C",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + _gencode_flags(arch_list),
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo"] + _gencode_flags(arch_list),
         },
     )
     print(f"meditron-kernels: building the CUDA extension for {arch_list} with MAX_JOBS={os.environ['MAX_JOBS']}",

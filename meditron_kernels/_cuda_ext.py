@@ -1,36 +1,75 @@
-"""Loads the optional compiled extension ``meditron_kernels._C`` (built from csrc/ by setup.py)."""
+"""Loads the optional compiled extension ``meditron_kernels._C`` (built from csrc/ by setup.py).
+
+Importing meditron_kernels never needs it. The extension defines the op schemas
+(``torch.ops.meditron_kernels.cuda_*``) and their CUDA kernels; the Python parts of those ops
+(fake kernels, autograd) live in ``meditron_kernels/ops/cuda_*.py`` and are registered through
+:func:`on_load` as soon as the schemas exist, also when the library is loaded late by
+``torch.ops.load_library``.
+"""
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+from typing import Callable
 
 _BUILD_HINT = (
     "build it on a machine with the CUDA toolkit and a CUDA-enabled torch: "
     "pip install --no-build-isolation -e . (MEDITRON_KERNELS_SKIP_CUDA_BUILD must be unset)"
 )
 
+_pending: list[Callable[[], None]] = []
+
 
 @functools.lru_cache(maxsize=None)
 def _load() -> str | None:
     """None when the extension is loaded, else the reason it is not."""
+    name = f"{__package__}._C"
+    if importlib.util.find_spec(name) is None:
+        return f"the compiled extension {name} is not built; {_BUILD_HINT}"
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.meditron_kernels.*)
-    except ImportError as e:
-        return f"the compiled extension meditron_kernels._C is not installed ({e}); {_BUILD_HINT}"
+        importlib.import_module(name)  # its static initialisers register torch.ops.meditron_kernels.cuda_*
+    except ImportError as e:  # e.g. built against another torch
+        return f"the compiled extension {name} failed to load ({e}); rebuild it: {_BUILD_HINT}"
     return None
+
+
+def _schemas_registered() -> bool:
+    import torch
+
+    try:
+        torch.ops.meditron_kernels.cuda_rms_norm_fwd
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def loaded() -> bool:
+    """True when the CUDA op schemas exist; runs the pending :func:`on_load` callbacks then."""
+    ok = _load() is None or _schemas_registered()
+    if ok:
+        while _pending:
+            _pending.pop(0)()
+    return ok
+
+
+def on_load(fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the op schemas exist: now, or when :func:`loaded` first sees them."""
+    _pending.append(fn)
+    loaded()
 
 
 def available() -> bool:
     import torch
 
-    return _load() is None and torch.cuda.is_available()
+    return loaded() and torch.cuda.is_available()
 
 
 def why_unavailable() -> str:
     import torch
 
-    reason = _load()
-    if reason is not None:
-        return reason
+    if not loaded():
+        return _load() or "the meditron_kernels CUDA ops are not registered"
     if not torch.cuda.is_available():
         return "no CUDA device is available to this torch"
     return "available"
