@@ -310,6 +310,8 @@ def _flce_setup_context(ctx, inputs, output):
 
 def _flce_backward(ctx, grad_loss, _g1, _g2):
     dhidden, dweight = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
     for i, (g, name) in enumerate(((dhidden, "grad_hidden"), (dweight, "grad_weight"))):
         if ctx.needs_input_grad[i] and g.dim() != 2:
             raise RuntimeError(f"triton_fused_linear_cross_entropy was called with {name}=False, "
