@@ -123,9 +123,10 @@ def _cross_entropy_bwd_kernel(
 
 # ---------------------------------------------------------------------------- config
 # A step of 4096 columns is 8 KiB of bf16 per program: with 8 warps each thread loads 16
-# values (two 128-bit vectors). At the ~32 registers this compiles to, 8 CTAs (64 warps) fit
-# an SM: ~8 MB of loads in flight across an H100, above the ~3 MB Little's law asks for at
-# 3 TB/s. A larger step only adds masked waste on the last one (32000 = 7 x 4096 + 3328).
+# values (two 128-bit vectors). At the 32-36 registers these compile to, 6-8 CTAs (48-64
+# warps) fit an SM: 6-8 MB of loads in flight across an H100, twice the ~3 MB Little's law
+# asks for at 3 TB/s. A larger step only adds masked waste on the last one (32000 = 7 x 4096
+# + 3328) and register pressure.
 _MAX_BLOCK_V = 4096
 _ELEMS_PER_THREAD = 16
 

@@ -227,6 +227,7 @@ def _rotate(q, k, cos, sin, pos, interleaved: bool, conjugate: bool):
 def _rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                position_ids: torch.Tensor | None, interleaved: bool,
                conjugate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k rotated by the angles at position_ids (by their negatives when conjugate): new contiguous tensors."""
     return _rotate(q, k, cos, sin, position_ids, interleaved, conjugate)
 
 

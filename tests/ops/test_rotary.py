@@ -125,23 +125,29 @@ class _NoLaunch:
         raise AssertionError("the kernel was launched")
 
 
-@pytest.mark.parametrize("case", ["head_dim", "float64", "cos_float64", "pos_range", "pos_negative", "cos_grad"])
-def test_bad_inputs_raise_before_launch(monkeypatch, case):
+@pytest.mark.parametrize("case,err,match", [
+    ("head_dim", ValueError, "head_dim must be at most 256"),
+    ("float64", TypeError, "^q: backend='triton'"),
+    ("cos_float64", TypeError, "^cos: backend='triton'"),
+    ("pos_range", ValueError, "position_ids must lie in"),
+    ("pos_negative", ValueError, "position_ids must lie in"),
+    ("cos_grad", ValueError, "cos and sin"),
+], ids=lambda v: v if isinstance(v, str) and " " not in v and "^" not in v else "")
+def test_bad_inputs_raise_before_launch(monkeypatch, case, err, match):
     monkeypatch.setattr(rotary, "_rotary_kernel", _NoLaunch())
     d = 258 if case == "head_dim" else 64
     q, k, cos, sin, pos = _inputs(1, 4, 2, 1, d, torch.float32, True, n_positions=8)
-    err = ValueError
     if case == "float64":
-        q, k, err = q.double(), k.double(), TypeError
+        q, k = q.double(), k.double()
     elif case == "cos_float64":
-        cos, err = cos.double(), TypeError
+        cos = cos.double()
     elif case == "pos_range":
         pos[0, 2] = 8
     elif case == "pos_negative":
         pos[0, 1] = -1
     elif case == "cos_grad":
         cos.requires_grad_()
-    with pytest.raises(err, match="head_dim|q|cos|position_ids"):
+    with pytest.raises(err, match=match):
         mk.apply_rotary(q, k, cos, sin, pos, backend="triton")
 
 
