@@ -32,7 +32,7 @@ from .. import _validate as V
 from .._static import Launch
 from ..backend import register
 from ..reference import default_chunk_size
-from .rotary import cast_rtne, device_of, interpreting
+from ._common import cast_rtne, device_of, interpreting
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -67,7 +67,7 @@ def _cross_entropy_fwd_kernel(
     ignore_index,   # rows whose target equals this contribute no loss and no gradient
     BLOCK_V: tl.constexpr,        # vocab columns per step
     GRAD_IN_PLACE: tl.constexpr,  # then overwrite the logits with d(mean loss)/d(logits)
-    SOFT_BF16: tl.constexpr,      # round a bf16 gradient by hand (interpreter only, see rotary.cast_rtne)
+    SOFT_BF16: tl.constexpr,      # round a bf16 gradient by hand (interpreter only, see _common.cast_rtne)
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride_row

@@ -11,8 +11,6 @@ writes each output byte once, and issues 128-bit accesses wherever alignment all
 """
 from __future__ import annotations
 
-import contextlib
-import os
 
 import torch
 import triton
@@ -22,38 +20,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import _validate as V
 from .._static import Launch
 from ..backend import register
+from ._common import cast_rtne, device_of, interpreting
 
 MAX_HEAD_DIM = 256
 
 
 # ---------------------------------------------------------------------------- kernel
-@triton.jit
-def cast_rtne(x, ty: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """fp32 ``x`` as ``ty``, rounded to nearest even.
-
-    A GPU's cvt does that already. The Triton interpreter's fp32 -> bf16 cast truncates
-    instead (and its explicit "rtne" mode drops the carry into the exponent), which doubles
-    the error of every bf16 output; SOFT_BF16 (set only when interpreting) rounds by hand.
-    """
-    if SOFT_BF16 and ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(x == x, y, x.to(tl.bfloat16))
-    else:
-        return x.to(ty)
-
-
-def interpreting() -> bool:
-    """Kernels run under the Triton interpreter (read at launch, as Triton itself does)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def device_of(device: torch.device):
-    """Context that makes ``device`` current: Triton launches on the current CUDA device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @triton.jit
 def _rotary_tile(
     x_ptr,          # q or k; heads stride_xh apart, head_dim contiguous

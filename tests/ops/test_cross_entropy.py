@@ -1,8 +1,4 @@
 """Triton cross-entropy and chunked lm-head cross-entropy (meditron_kernels/ops/cross_entropy.py)."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,6 +6,7 @@ import torch.nn.functional as F
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from meditron_kernels._static import module_reports
 import meditron_kernels as mk
 from meditron_kernels.ops import cross_entropy as ce
 from tests.helpers import assert_close_rule
@@ -269,27 +266,9 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
 
 
-def static_reports(module: str) -> list[dict]:
-    """_static.report of every static launch of ``module`` for sm_80 and sm_90.
-
-    In a child process without TRITON_INTERPRET: under the interpreter every @triton.jit
-    function, tl.sum and tl.cdiv included, is an InterpretedFunction that triton.compile
-    cannot compile."""
-    code = ("import json, importlib; from meditron_kernels import _static; "
-            f"m = importlib.import_module({module!r}); "
-            "print(json.dumps([_static.report(l, cc) for cc in (80, 90) for l in m.static_launches()]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def ce_reports():
-    return static_reports("meditron_kernels.ops.cross_entropy")
+    return list(module_reports("meditron_kernels.ops.cross_entropy").values())
 
 
 @pytest.mark.parametrize("cc", [80, 90])
