@@ -40,8 +40,9 @@ import zipfile
 import zlib
 
 import numpy as np
+from tqdm import tqdm
 
-from .data import load_shard, token_dtype, write_meta
+from .data import ShardError, load_shard, token_dtype, write_meta
 from .tokenizer import ByteTokenizer, load_tokenizer
 
 PLAN_VERSION = 1
@@ -248,14 +249,14 @@ def _documents(path: str, start: int, end: int, opts: Options):
 
 
 # ------------------------------------------------------------------------ tokenising a chunk
-_TOKENIZER = None
+_WORKER: dict = {}  # what every chunk of a run shares, set once per process (not pickled per chunk)
 
 
-def _init_worker(spec: str, quiet_threads: bool) -> None:
-    global _TOKENIZER
+def _init_worker(tokenizer, paths: list[str], opts: Options, parts_dir: str, quiet_threads: bool) -> None:
     if quiet_threads:  # one process per core already; the HF tokenizer's own thread pool would oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _TOKENIZER = load_tokenizer(spec)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    _WORKER.update(tok=tok, paths=paths, opts=opts, parts_dir=parts_dir)
 
 
 def _encode(tok, texts: list[str]) -> list[np.ndarray]:
@@ -264,7 +265,8 @@ def _encode(tok, texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(texts)]
 
 
-def tokenize_chunk(paths: list[str], pieces: list[tuple[int, int, int]], opts: Options, tok) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_chunk(paths: list[str], pieces: list[tuple[int, int, int]], opts: Options,
+                   tok) -> tuple[np.ndarray, np.ndarray]:
     """-> (tokens (n,) of the shard dtype, lengths (n_docs,) int64): each document as [BOS] text [EOS]."""
     dtype = token_dtype(tok.vocab_size)
     arrays, texts, pending = [], [], 0
@@ -295,9 +297,10 @@ def _part_path(parts_dir: str, i: int) -> str:
 
 def _run_chunk(job) -> tuple[int, int, int, int]:
     """Tokenise chunk i into parts/NNNNNN.npz (atomically); -> (i, n_docs, n_tokens, input bytes)."""
-    i, pieces, paths, opts, parts_dir = job
-    tokens, lengths = tokenize_chunk(paths, pieces, opts, _TOKENIZER)
-    final = _part_path(parts_dir, i)
+    i, pieces = job
+    w = _WORKER
+    tokens, lengths = tokenize_chunk(w["paths"], pieces, w["opts"], w["tok"])
+    final = _part_path(w["parts_dir"], i)
     tmp = f"{final}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         np.savez(f, tokens=tokens, lengths=lengths)
@@ -329,8 +332,6 @@ def _read_part(path: str, key: str) -> np.ndarray:
 def assemble(out: str, parts_dir: str, n_chunks: int, name: str, dtype: np.dtype, fingerprint: str,
              extra: dict, progress: bool) -> tuple[int, int]:
     """Stream the parts, in order, into tokens.bin and docs.npy; then meta.json. -> (n_docs, n_tokens)."""
-    from tqdm import tqdm
-
     parts = [_part_path(parts_dir, i) for i in range(n_chunks)]
     n_docs = n_tokens = 0
     for p in parts:
@@ -405,8 +406,6 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int =
     on_chunk(i) is called in this process after chunk i is written (a test seam: raising
     there interrupts the run as a kill would). -> a summary: chunks, skipped, processed,
     n_docs, n_tokens, seconds."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     if txt_docs not in ("file", "paragraph"):
         raise PrepareError(f"--txt-docs must be 'file' or 'paragraph', got {txt_docs!r}")
@@ -437,11 +436,16 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int =
                     meta = json.load(f)
             except (OSError, ValueError):
                 meta = {}
-            if not overwrite:
-                if isinstance(meta, dict) and meta.get("inputs") == digest and meta.get("name") == name:
-                    summary.update(n_docs=meta.get("n_docs", 0), n_tokens=meta.get("n_tokens", 0),
+            same = isinstance(meta, dict) and meta.get("inputs") == digest and meta.get("name") == name
+            if same and not overwrite:
+                try:
+                    load_shard(out, tok.fingerprint, verify="size")
+                    summary.update(n_docs=meta["n_docs"], n_tokens=meta["n_tokens"],
                                    seconds=time.perf_counter() - t0, up_to_date=True)
                     return summary
+                except ShardError as e:
+                    print(f"{out}: remaking a damaged shard ({e})", file=sys.stderr)
+            elif not overwrite:
                 raise PrepareError(f"{meta_path}: {out!r} already holds a shard made from other inputs or options; "
                                    f"pass --overwrite to replace it")
             os.remove(meta_path)  # first: a half-replaced shard must never look complete
@@ -473,18 +477,18 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int =
         done = [i for i in range(len(chunks)) if _part_is_complete(_part_path(parts_dir, i))]
         todo = sorted(set(range(len(chunks))) - set(done))
         summary.update(chunks=len(chunks), skipped=len(done))
-        jobs = [(i, chunks[i], paths, opts, parts_dir) for i in todo]
+        jobs = [(i, chunks[i]) for i in todo]
         bar = tqdm(total=sum(nbytes), initial=sum(nbytes[i] for i in done), unit="B", unit_scale=True,
                    desc="tokenising", disable=not progress)
         try:
             if workers == 1 or len(jobs) <= 1:
-                _init_worker(tokenizer, quiet_threads=False)
+                _init_worker(tok, paths, opts, parts_dir, quiet_threads=False)
                 results = map(_run_chunk, jobs)
                 pool = None
             else:
                 # spawn, not fork: the parent may hold threads (torch, tokenizers) that fork would copy mid-state
                 pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker,
-                                                                 initargs=(tokenizer, True))
+                                                                 initargs=(tokenizer, paths, opts, parts_dir, True))
                 results = pool.imap_unordered(_run_chunk, jobs)
             try:
                 for i, n_docs, n_tokens, n_in in results:

@@ -71,13 +71,14 @@ class HFTokenizer:
         except Exception as e:  # the Rust side raises a bare Exception on a malformed file
             raise ValueError(f"data.tokenizer {path!r}: not an HF tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        ids = {t: self._tok.token_to_id(t) for t in ("<s>", "</s>", "<|begin_of_text|>", "<|end_of_text|>",
-                                                      "<|endoftext|>", "[BOS]", "[EOS]")}
-        self.bos_id = next((ids[t] for t in ("<s>", "<|begin_of_text|>", "[BOS]") if ids[t] is not None), None)
-        self.eos_id = next((ids[t] for t in ("</s>", "<|end_of_text|>", "<|endoftext|>", "[EOS]") if ids[t] is not None),
-                           None)
+        def first(names):
+            return next((i for i in map(self._tok.token_to_id, names) if i is not None), None)
+
+        self.bos_id = first(("<s>", "<|begin_of_text|>", "[BOS]"))
+        self.eos_id = first(("</s>", "<|end_of_text|>", "<|endoftext|>", "[EOS]"))
         if self.eos_id is None:
-            raise ValueError(f"data.tokenizer {path!r}: no end-of-text token (</s>, <|endoftext|>, ...) in the vocabulary")
+            raise ValueError(f"data.tokenizer {path!r}: no end-of-text token (</s>, <|endoftext|>, ...) "
+                             f"in the vocabulary")
         if self.bos_id is None:
             self.bos_id = self.eos_id
         self.fingerprint = f"hf-{_file_digest(path)}"

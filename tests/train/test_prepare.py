@@ -62,7 +62,7 @@ def assert_equals_from_documents(shard_dir, docs, tok):
 
 # ------------------------------------------------------------------------ the shard
 def test_prepare_equals_corpus_from_documents(tmp_path, jsonl_inputs):
-    paths, docs = jsonl_inputs
+    _, docs = jsonl_inputs
     out = tmp_path / "shard"
     # a 4 KB chunk: several chunks per file, and chunks holding pieces of two files
     s = prepare([str(tmp_path / "in" / "*.jsonl")], str(out), chunk_bytes=4096, progress=False)
@@ -80,7 +80,7 @@ def test_prepare_equals_corpus_from_documents(tmp_path, jsonl_inputs):
 
 
 def test_worker_count_does_not_change_the_shard(tmp_path, jsonl_inputs):
-    paths, docs = jsonl_inputs
+    paths, _ = jsonl_inputs
     one = prepare(paths, str(tmp_path / "w1" / "c"), workers=1, chunk_bytes=8192, progress=False)
     two = prepare(paths, str(tmp_path / "w2" / "c"), workers=2, chunk_bytes=8192, progress=False)
     assert one["chunks"] == two["chunks"] > 2
@@ -107,6 +107,33 @@ def test_cli_writes_a_shard_the_trainer_reads(tmp_path, jsonl_inputs, capsys):
     assert load_shard(str(out)).doc_offsets.size == len(documents()[0]) + 1
 
 
+def test_identical_rerun_remakes_a_damaged_shard(tmp_path, jsonl_inputs):
+    paths, _ = jsonl_inputs
+    out = tmp_path / "out"
+    prepare(paths, str(out), progress=False)
+    good = shard_bytes(out)
+    assert prepare(paths, str(out), progress=False).get("up_to_date")
+    with open(out / "tokens.bin", "r+b") as f:
+        f.truncate(100)
+    s = prepare(paths, str(out), progress=False)
+    assert not s.get("up_to_date") and s["processed"] == s["chunks"]
+    assert shard_bytes(out) == good
+
+
+def test_one_writer_per_directory(tmp_path, jsonl_inputs):
+    import fcntl
+
+    paths, _ = jsonl_inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".prepare.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PrepareError, match="another python -m train.prepare"):
+            prepare(paths, str(out), progress=False)
+    prepare(paths, str(out), progress=False)
+    assert not (out / ".prepare.lock").exists()
+
+
 # ------------------------------------------------------------------------ restarts
 class Interrupt(Exception):
     pass
@@ -129,7 +156,7 @@ def parts_of(out):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_interrupted_run_resumes_without_redoing_chunks(tmp_path, jsonl_inputs, workers):
-    paths, docs = jsonl_inputs
+    paths, _ = jsonl_inputs
     straight = tmp_path / "straight" / "out"
     prepare(paths, str(straight), chunk_bytes=4096, progress=False)
     out = tmp_path / "out"
@@ -156,8 +183,9 @@ def test_interrupted_run_resumes_without_redoing_chunks(tmp_path, jsonl_inputs, 
 
 
 def test_rerun_after_losing_the_final_files_redoes_only_missing_parts(tmp_path, jsonl_inputs):
-    paths, docs = jsonl_inputs
+    paths, _ = jsonl_inputs
     out = tmp_path / "out"
+
     def stop_at_last(i):
         with open(out / "parts" / "plan.json") as f:
             if i == json.load(f)["chunks"] - 1:
@@ -200,7 +228,7 @@ def test_a_corrupt_part_is_named_removed_and_remade(tmp_path, jsonl_inputs):
 
 
 def test_parts_from_other_inputs_are_discarded(tmp_path, jsonl_inputs):
-    paths, docs = jsonl_inputs
+    paths, _ = jsonl_inputs
     out = tmp_path / "out"
     with pytest.raises(Interrupt):
         prepare(paths, str(out), chunk_bytes=4096, progress=False, on_chunk=stop_after(2))
@@ -392,3 +420,47 @@ def test_bad_tokenizer_files_are_named(tmp_path):
         load_tokenizer(str(tmp_path / "nope.model"))
     with pytest.raises(ValueError, match="without tokenizer.model or tokenizer.json"):
         load_tokenizer(str(tmp_path))
+
+
+def test_trainer_runs_on_prepared_shards(tmp_path, tokenizer_files):
+    """prepare -> data.paths / data.weights / data.tokenizer -> a few optimizer steps."""
+    from train.config import Config
+    from train.trainer import run
+
+    spec = tokenizer_files["hf"]  # 500 tokens: fits the tiny model's 512
+    shards = []
+    for name in ("abstracts", "replay"):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", bundled.documents(name, 0, 60))
+        prepare([path], str(tmp_path / name), tokenizer=spec, progress=False)
+        shards.append(str(tmp_path / name))
+    cfg = Config()
+    cfg.out_dir = str(tmp_path / "run")
+    cfg.data.paths, cfg.data.weights, cfg.data.tokenizer = shards, [0.8, 0.2], spec
+    t = cfg.training
+    t.steps, t.micro_batch, t.global_batch, t.seq_len, t.warmup_steps = 2, 2, 2, 32, 1
+    cfg.metrics.log_interval, cfg.checkpoint.interval, cfg.eval.interval, cfg.eval.batches = 1, 0, 2, 1
+    rows = run(cfg, progress=False)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in rows) and abs(rows[0]["loss"] - np.log(512)) < 1.0
+    assert np.isfinite(rows[-1]["val_loss"])
+    cfg.data.tokenizer = "byte"  # shards made with the BPE are refused under another tokenizer
+    with pytest.raises(ShardError, match="made with tokenizer"):
+        run(cfg, progress=False)
+
+
+def test_hf_tokenizer_without_bos_uses_its_end_of_text(tmp_path):
+    """GPT-2 style vocabularies have only <|endoftext|>: it both opens and closes a document."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(bundled.documents("replay", 0, 20), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    bpe.save(str(tmp_path / "gpt2.json"))
+    tok = load_tokenizer(str(tmp_path / "gpt2.json"))
+    assert tok.bos_id == tok.eos_id == 0
+    bare = Tokenizer(models.BPE())
+    bare.save(str(tmp_path / "bare.json"))
+    with pytest.raises(ValueError, match=r"bare\.json.*no end-of-text token"):
+        load_tokenizer(str(tmp_path / "bare.json"))
