@@ -153,7 +153,7 @@ def load_shard(path: str, tokenizer_fingerprint: str | None = None, verify: str 
         raise ShardError(f"{tok_path}: checksum mismatch with meta.json: the shard is corrupt")
     tokens = np.memmap(tok_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
     name = meta.get("name") if isinstance(meta.get("name"), str) else os.path.basename(path.rstrip("/"))
-    return Corpus(name, tokens, offsets.astype(np.int64))
+    return Corpus(name, tokens, offsets.astype(np.int64, copy=False))
 
 
 # ------------------------------------------------------------------------ blending

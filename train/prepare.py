@@ -1,7 +1,8 @@
 """python -m train.prepare: tokenise jsonl or text files into one memory-mapped token shard.
 
     python -m train.prepare --input 'pubmed/*.jsonl' --out shards/pubmed --tokenizer llama2/tokenizer.model
-    python -m train --data.paths='["shards/pubmed", ...]' --data.tokenizer=llama2/tokenizer.model
+    python -m train --model.preset=meditron-7b --data.tokenizer=llama2/tokenizer.model \
+        --data.paths='["shards/pubmed", "shards/guidelines"]' --data.weights='[0.7, 0.3]'
 
 Inputs, by extension (globs are expanded and sorted; the order of --input is kept):
   .jsonl  one JSON object per line, the document being the string under --text-key; blank lines
@@ -511,6 +512,13 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int =
     return summary
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n\n")[0],
                                 epilog="See the top of train/prepare.py for the formats and restarts.")
@@ -518,7 +526,7 @@ def main(argv=None) -> int:
                    help=".jsonl or .txt files or globs (quote globs); may repeat")
     p.add_argument("--out", required=True, metavar="DIR", help="the shard directory to write")
     p.add_argument("--tokenizer", default="byte", help="byte, or a sentencepiece .model or HF tokenizer.json path")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 32), help="tokenising processes")
+    p.add_argument("--workers", type=int, default=_usable_cpus(), help="tokenising processes (default: usable cores)")
     p.add_argument("--text-key", default="text", help="the JSON field that holds a document's text (jsonl)")
     p.add_argument("--name", default=None, help="corpus name recorded in meta.json (default: the DIR's name)")
     p.add_argument("--txt-docs", choices=("file", "paragraph"), default="file",
