@@ -38,7 +38,9 @@ from .._static import Launch
 from ..backend import register
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# the same constants, visible inside kernels
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 
 
@@ -71,44 +73,37 @@ def _doc_bounds(CU, bid, seqlen, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptrs(base, rows, L, stride_s, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HALVES: tl.constexpr):
-    # Pointers and mask of a [rows, D_PAD] tile. A head_dim that is not a power of two is padded with
-    # zero columns: at the end, or (HALVES, used by everything that is rotated) at the end of each
-    # half, so that the two rotary halves stay split at D_PAD // 2 in registers.
-    cols = tl.arange(0, D_PAD)
+def _tile_ptrs(base, rows, L, stride_s, WIDTH: tl.constexpr, PAD: tl.constexpr):
+    # A [rows, PAD] tile of a [L, WIDTH] slab with unit column stride. Rows past L (the end of the
+    # sequence) and columns past WIDTH (padding to a power of two) are masked off.
+    cols = tl.arange(0, PAD)
+    ptrs = base + rows[:, None] * stride_s + cols[None, :]
     mask = rows[:, None] < L
-    if HEAD_DIM == D_PAD:
-        ptrs = base + rows[:, None] * stride_s + cols[None, :]
-    elif HALVES:
-        HALF_PAD: tl.constexpr = D_PAD // 2
-        src = (cols // HALF_PAD) * (HEAD_DIM // 2) + cols % HALF_PAD
-        ptrs = base + rows[:, None] * stride_s + src[None, :]
-        mask = mask & ((cols % HALF_PAD) < HEAD_DIM // 2)[None, :]
-    else:
-        ptrs = base + rows[:, None] * stride_s + cols[None, :]
-        mask = mask & (cols < HEAD_DIM)[None, :]
+    if WIDTH != PAD:
+        mask = mask & (cols < WIDTH)[None, :]
     return ptrs, mask
 
 
 @triton.jit
-def _make_desc(base, L, stride_s, BLOCK: tl.constexpr, D_PAD: tl.constexpr, USE_TMA: tl.constexpr):
-    # A TMA descriptor over one (document, head): [L, D] rows of stride stride_s. Its bounds are the
-    # document's, so a block running past the end reads zeros, never the next document.
+def _make_desc(base, L, WIDTH: tl.constexpr, stride_s, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    # A TMA descriptor over one (document, head): [L, WIDTH] rows of stride stride_s. Its bounds are
+    # the document's, so a block running past the end reads zeros, never the next document.
     if USE_TMA:
-        desc = tl.make_tensor_descriptor(base, shape=[L, D_PAD], strides=[stride_s, 1], block_shape=[BLOCK, D_PAD])
+        desc = tl.make_tensor_descriptor(base, shape=[L, WIDTH], strides=[stride_s, 1], block_shape=[BLOCK, BLOCK_W])
     else:
         desc = base
     return desc
 
 
 @triton.jit
-def _load(base, desc, r0, rows, L, stride_s, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-          HALVES: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
-    # A [rows, D_PAD] tile of an unrotated tensor, zero past the end of the sequence.
+def _load(base, desc, r0, rows, L, stride_s, WIDTH: tl.constexpr, PAD: tl.constexpr,
+          USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
+    # A [rows, PAD] tile, zero past the end of the sequence and past WIDTH.
     if USE_TMA:
         x = desc.load([r0, 0])
     else:
-        ptrs, mask = _tile_ptrs(base, rows, L, stride_s, HEAD_DIM, D_PAD, HALVES)
+        ptrs, mask = _tile_ptrs(base, rows, L, stride_s, WIDTH, PAD)
         x = tl.load(ptrs, mask=mask, other=0.0)
     if DOT_F32:
         x = x.to(tl.float32)
@@ -126,55 +121,81 @@ def _positions(POS, bid, start, rows, L, stride_pb, stride_ps, HAS_POS: tl.const
 
 
 @triton.jit
-def _load_rotated(base, rows, L, stride_s, pos, COS, SIN, stride_rot, BLOCK: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_F32: tl.constexpr):
-    # Rotate-half rotary applied as the tile is loaded: [x1 | x2] -> [x1 c - x2 s | x2 c + x1 s], in
-    # fp32 and rounded once to the input dtype, exactly as apply_rotary does it. Returns the tile in
-    # the HALVES layout of _tile_ptrs.
-    HALF_PAD: tl.constexpr = D_PAD // 2
-    c = tl.arange(0, HALF_PAD)
-    mask = rows[:, None] < L
-    if HALF_PAD * 2 != HEAD_DIM:
-        mask = mask & (c < HEAD_DIM // 2)[None, :]
-    ptrs = base + rows[:, None] * stride_s + c[None, :]
-    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
-    t = pos[:, None] * stride_rot + c[None, :]
-    cos = tl.load(COS + t, mask=mask, other=0.0)
-    sin = tl.load(SIN + t, mask=mask, other=0.0)
-    dtype = base.dtype.element_ty
-    r1 = (x1 * cos - x2 * sin).to(dtype)
-    r2 = (x2 * cos + x1 * sin).to(dtype)
-    x = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK, D_PAD))
-    if DOT_F32:
-        x = x.to(tl.float32)
-    return x
+def _load_qk(base, desc, r0, rows, L, stride_s, pos, COS, SIN, stride_rot, HEAD_DIM: tl.constexpr,
+             QK_PAD: tl.constexpr, ROTARY: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+             ROTATE: tl.constexpr = True):
+    # q or k as the matmuls see it, -> (a, b). Plain: a is the [rows, QK_PAD] tile (b = a, unused).
+    # ROTARY: the two rotate-half halves, each [rows, QK_PAD], rotated as loaded:
+    # [x1 | x2] -> [x1 c - x2 s | x2 c + x1 s], in fp32 and rounded once to the input dtype, as
+    # apply_rotary does. Keeping the halves apart (q k^T = a_q a_k^T + b_q b_k^T) costs no shuffle.
+    # ROTATE=False: the halves of a tensor that is already rotated.
+    if ROTARY and not ROTATE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        if USE_TMA:
+            a = desc.load([r0, 0])
+            b = desc.load([r0, HALF])
+        else:
+            ptrs, mask = _tile_ptrs(base, rows, L, stride_s, HALF, QK_PAD)
+            a = tl.load(ptrs, mask=mask, other=0.0)
+            b = tl.load(ptrs + HALF, mask=mask, other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    elif ROTARY:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        ptrs, mask = _tile_ptrs(base, rows, L, stride_s, HALF, QK_PAD)
+        if USE_TMA:
+            x1 = desc.load([r0, 0]).to(tl.float32)
+            x2 = desc.load([r0, HALF]).to(tl.float32)
+        else:
+            x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        t = pos[:, None] * stride_rot + tl.arange(0, QK_PAD)[None, :]
+        cos = tl.load(COS + t, mask=mask, other=0.0)
+        sin = tl.load(SIN + t, mask=mask, other=0.0)
+        dtype = base.dtype.element_ty
+        a = (x1 * cos - x2 * sin).to(dtype)
+        b = (x2 * cos + x1 * sin).to(dtype)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    else:
+        a = _load(base, desc, r0, rows, L, stride_s, HEAD_DIM, QK_PAD, USE_TMA, DOT_F32)
+        b = a
+    return a, b
 
 
 @triton.jit
-def _store(base, rows, L, stride_s, x, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HALVES: tl.constexpr):
-    ptrs, mask = _tile_ptrs(base, rows, L, stride_s, HEAD_DIM, D_PAD, HALVES)
+def _dot_nt(a1, a2, b1, b2, ROTARY: tl.constexpr, PRECISION: tl.constexpr):
+    # a b^T over head_dim; with ROTARY the reduction runs over the two halves in turn.
+    s = tl.dot(a1, tl.trans(b1), input_precision=PRECISION)
+    if ROTARY:
+        s = tl.dot(a2, tl.trans(b2), s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
+def _store(base, rows, L, stride_s, x, WIDTH: tl.constexpr, PAD: tl.constexpr):
+    ptrs, mask = _tile_ptrs(base, rows, L, stride_s, WIDTH, PAD)
     tl.store(ptrs, x.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _store_unrotated(base, rows, L, stride_s, g, pos, COS, SIN, stride_rot, BLOCK: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    # g is the gradient with respect to the rotated tensor (HALVES layout); the gradient with respect
-    # to the input is the inverse (conjugate) rotation: [g1 c + g2 s | g2 c - g1 s].
-    HALF_PAD: tl.constexpr = D_PAD // 2
-    g1, g2 = tl.split(tl.permute(tl.reshape(g, (BLOCK, 2, HALF_PAD)), (0, 2, 1)))
-    c = tl.arange(0, HALF_PAD)
-    mask = rows[:, None] < L
-    if HALF_PAD * 2 != HEAD_DIM:
-        mask = mask & (c < HEAD_DIM // 2)[None, :]
-    t = pos[:, None] * stride_rot + c[None, :]
-    cos = tl.load(COS + t, mask=mask, other=0.0)
-    sin = tl.load(SIN + t, mask=mask, other=0.0)
-    ptrs = base + rows[:, None] * stride_s + c[None, :]
-    dtype = base.dtype.element_ty
-    tl.store(ptrs, (g1 * cos + g2 * sin).to(dtype), mask=mask)
-    tl.store(ptrs + HEAD_DIM // 2, (g2 * cos - g1 * sin).to(dtype), mask=mask)
+def _store_qk_grad(base, rows, L, stride_s, g1, g2, pos, COS, SIN, stride_rot, HEAD_DIM: tl.constexpr,
+                   QK_PAD: tl.constexpr, ROTARY: tl.constexpr):
+    # dq or dk. With ROTARY, (g1, g2) is the gradient with respect to the rotated halves; the gradient
+    # with respect to the input is the conjugate rotation [g1 c + g2 s | g2 c - g1 s].
+    if ROTARY:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        ptrs, mask = _tile_ptrs(base, rows, L, stride_s, HALF, QK_PAD)
+        t = pos[:, None] * stride_rot + tl.arange(0, QK_PAD)[None, :]
+        cos = tl.load(COS + t, mask=mask, other=0.0)
+        sin = tl.load(SIN + t, mask=mask, other=0.0)
+        dtype = base.dtype.element_ty
+        tl.store(ptrs, (g1 * cos + g2 * sin).to(dtype), mask=mask)
+        tl.store(ptrs + HALF, (g2 * cos - g1 * sin).to(dtype), mask=mask)
+    else:
+        _store(base, rows, L, stride_s, g1, HEAD_DIM, QK_PAD)
 
 
 @triton.jit
@@ -187,33 +208,22 @@ def _mm(x, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
     return y
 
 
-@triton.jit
-def _load_k(k_base, k_desc, n0, rows_n, L, stride_ks, start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROTARY: tl.constexpr,
-            HAS_POS: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
-    if ROTARY:
-        pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
-        k = _load_rotated(k_base, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot, BLOCK_N, HEAD_DIM, D_PAD, DOT_F32)
-    else:
-        k = _load(k_base, k_desc, n0, rows_n, L, stride_ks, HEAD_DIM, D_PAD, False, USE_TMA, DOT_F32)
-    return k
-
-
 # ---------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, rows_m, lo, hi, L, qk_scale,
+def _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, lo, hi, L, qk_scale,
                 k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK: tl.constexpr,
-                CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr, USE_TMA: tl.constexpr,
-                DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
+                USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     # Key blocks [lo, hi) of the online softmax. Scores live in base 2 (qk_scale carries log2(e)).
     dtype = v_base.dtype.element_ty
     for n0 in range(lo, hi, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_k(k_base, k_desc, n0, rows_n, L, stride_ks, start, bid, POS, stride_pb, stride_ps, COS, SIN,
-                    stride_rot, BLOCK_N, HEAD_DIM, D_PAD, ROTARY, HAS_POS, USE_TMA, DOT_F32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
+        k1, k2 = _load_qk(k_base, k_desc, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
+                          HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32)
+        s = _dot_nt(q1, q2, k1, k2, ROTARY, PRECISION) * qk_scale
         if MASK:
             keep = rows_n[None, :] < L
             if CAUSAL:
@@ -224,7 +234,7 @@ def _fwd_blocks(acc, l_i, m_i, q, rows_m, lo, hi, L, qk_scale,
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(v_base, v_desc, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, False, USE_TMA, DOT_F32)
+        v = _load(v_base, v_desc, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, USE_TMA, DOT_F32)
         acc = acc * alpha[:, None]
         acc = tl.dot(_mm(p, dtype, DOT_F32), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -237,7 +247,7 @@ def _attn_fwd(
     O,  # output, Q's shape, contiguous
     LSE,  # (batch, n_heads, seq) or packed (n_heads, total) fp32: natural log-sum-exp of each row's scores
     CU,  # (n_docs + 1,) int32 document offsets (PACKED only)
-    COS, SIN,  # (max_pos, d // 2) fp32 rotary tables (ROTARY only)
+    COS, SIN,  # (max_pos, d // 2) fp32 rotary tables, unit column stride (ROTARY only)
     POS,  # position ids, (batch, seq) or (total,) (HAS_POS only)
     qk_scale,  # softmax_scale * log2(e): the softmax runs on exp2
     stride_qb, stride_qs, stride_qh,  # strides of Q in elements; the batch stride is 0 when PACKED
@@ -251,11 +261,12 @@ def _attn_fwd(
     n_heads, n_batch,  # query heads; batch size or number of documents
     group,  # n_heads // n_kv_heads
     HEAD_DIM: tl.constexpr,  # d
-    D_PAD: tl.constexpr,  # d rounded up to a power of two (>= 16): the tile width
+    D_PAD: tl.constexpr,  # d rounded up to a power of two (>= 16): the width of v and o tiles
+    QK_PAD: tl.constexpr,  # width of q and k tiles: D_PAD, or with ROTARY that of one half (>= 16)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per step; divides BLOCK_M, so the causal diagonal starts on a block
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
-    USE_TMA: tl.constexpr,  # unrotated tiles through TMA descriptors (sm_90)
+    USE_TMA: tl.constexpr,  # tiles through TMA descriptors (sm_90)
     DOT_F32: tl.constexpr,  # interpreter only: bf16 matmul operands upcast to fp32
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else unused
 ):
@@ -265,19 +276,17 @@ def _attn_fwd(
     if m0 >= L:
         return
     kvh = head // group
-    q_base = Q + bid.to(tl.int64) * stride_qb + start * stride_qs + head.to(tl.int64) * stride_qh
-    k_base = K + bid.to(tl.int64) * stride_kb + start * stride_ks + kvh.to(tl.int64) * stride_kh
-    v_base = V + bid.to(tl.int64) * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
+    b64 = bid.to(tl.int64)
+    q_base = Q + b64 * stride_qb + start * stride_qs + head.to(tl.int64) * stride_qh
+    k_base = K + b64 * stride_kb + start * stride_ks + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
     rows_m = m0 + tl.arange(0, BLOCK_M)
-    if ROTARY:
-        pos_m = _positions(POS, bid, start, rows_m, L, stride_pb, stride_ps, HAS_POS)
-        q = _load_rotated(q_base, rows_m, L, stride_qs, pos_m, COS, SIN, stride_rot, BLOCK_M, HEAD_DIM, D_PAD, DOT_F32)
-        k_desc = k_base
-    else:
-        q_desc = _make_desc(q_base, L, stride_qs, BLOCK_M, D_PAD, USE_TMA)
-        q = _load(q_base, q_desc, m0, rows_m, L, stride_qs, HEAD_DIM, D_PAD, False, USE_TMA, DOT_F32)
-        k_desc = _make_desc(k_base, L, stride_ks, BLOCK_N, D_PAD, USE_TMA)
-    v_desc = _make_desc(v_base, L, stride_vs, BLOCK_N, D_PAD, USE_TMA)
+    pos_m = _positions(POS, bid, start, rows_m, L, stride_pb, stride_ps, HAS_POS)
+    q_desc = _make_desc(q_base, L, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
+    q1, q2 = _load_qk(q_base, q_desc, m0, rows_m, L, stride_qs, pos_m, COS, SIN, stride_rot,
+                      HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32)
+    k_desc = _make_desc(k_base, L, HEAD_DIM, stride_ks, BLOCK_N, QK_PAD, USE_TMA)
+    v_desc = _make_desc(v_base, L, HEAD_DIM, stride_vs, BLOCK_N, D_PAD, USE_TMA)
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -288,36 +297,39 @@ def _attn_fwd(
     else:
         full_end = (L // BLOCK_N) * BLOCK_N
         hi = L
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows_m, 0, full_end, L, qk_scale,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, 0, full_end, L, qk_scale,
                                 k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                                BLOCK_N, HEAD_DIM, D_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32, PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows_m, full_end, hi, L, qk_scale,
+                                BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                DOT_F32, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, full_end, hi, L, qk_scale,
                                 k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                                BLOCK_N, HEAD_DIM, D_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32, PRECISION)
+                                BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                DOT_F32, PRECISION)
     o = acc / l_i[:, None]
-    o_base = O + bid.to(tl.int64) * stride_ob + start * stride_os + head.to(tl.int64) * stride_oh
-    _store(o_base, rows_m, L, stride_os, o, HEAD_DIM, D_PAD, False)
-    lse_base = LSE + bid.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + start
-    tl.store(lse_base + rows_m, (m_i + tl.math.log2(l_i)) * LN2, mask=rows_m < L)
+    o_base = O + b64 * stride_ob + start * stride_os + head.to(tl.int64) * stride_oh
+    _store(o_base, rows_m, L, stride_os, o, HEAD_DIM, D_PAD)
+    lse_base = LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + start
+    tl.store(lse_base + rows_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows_m < L)
 
 
 # ---------------------------------------------------------------------------- backward: delta and dq
 @triton.jit
-def _dq_blocks(dq, q, do, lse2, delta, rows_m, lo, hi, L, qk_scale,
+def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, lo, hi, L, qk_scale,
                k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK: tl.constexpr,
-               CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr, USE_TMA: tl.constexpr,
-               DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
+               USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     dtype = v_base.dtype.element_ty
     for n0 in range(lo, hi, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_k(k_base, k_desc, n0, rows_n, L, stride_ks, start, bid, POS, stride_pb, stride_ps, COS, SIN,
-                    stride_rot, BLOCK_N, HEAD_DIM, D_PAD, ROTARY, HAS_POS, USE_TMA, DOT_F32)
-        v = _load(v_base, v_desc, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, False, USE_TMA, DOT_F32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
+        k1, k2 = _load_qk(k_base, k_desc, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
+                          HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32)
+        v = _load(v_base, v_desc, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, USE_TMA, DOT_F32)
+        s = _dot_nt(q1, q2, k1, k2, ROTARY, PRECISION) * qk_scale
         if MASK:
             keep = rows_n[None, :] < L
             if CAUSAL:
@@ -325,9 +337,11 @@ def _dq_blocks(dq, q, do, lse2, delta, rows_m, lo, hi, L, qk_scale,
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(_mm(ds, dtype, DOT_F32), k, dq, input_precision=PRECISION)
-    return dq
+        ds = _mm(p * (dp - delta[:, None]), dtype, DOT_F32)
+        dq1 = tl.dot(ds, k1, dq1, input_precision=PRECISION)
+        if ROTARY:
+            dq2 = tl.dot(ds, k2, dq2, input_precision=PRECISION)
+    return dq1, dq2
 
 
 @triton.jit
@@ -336,6 +350,7 @@ def _attn_bwd_dq(
     LSE,  # forward log-sum-exp
     DELTA,  # out: rowsum(o * do) in fp32, LSE's layout, read by _attn_bwd_dkdv
     DQ,  # out: gradient of q, Q's shape, contiguous
+    QROT,  # out (ROTARY only): the rotated queries, DQ's shape and strides, for _attn_bwd_dkdv
     CU, COS, SIN, POS,  # as in _attn_fwd
     qk_scale,  # softmax_scale * log2(e)
     sm_scale,  # softmax_scale: the chain-rule factor of dq
@@ -348,9 +363,9 @@ def _attn_bwd_dq(
     stride_lb, stride_lh,  # shared by LSE and DELTA
     stride_rot, stride_pb, stride_ps,
     seqlen, n_heads, n_batch, group,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr,
+    HAS_POS: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
     start, L = _doc_bounds(CU, bid, seqlen, PACKED)
@@ -368,85 +383,90 @@ def _attn_bwd_dq(
     rows_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows_m < L
 
-    do = _load(do_base, do_base, m0, rows_m, L, stride_dos, HEAD_DIM, D_PAD, False, False, False)
-    o = _load(o_base, o_base, m0, rows_m, L, stride_os, HEAD_DIM, D_PAD, False, False, False)
+    do = _load(do_base, do_base, m0, rows_m, L, stride_dos, HEAD_DIM, D_PAD, False, False)
+    o = _load(o_base, o_base, m0, rows_m, L, stride_os, HEAD_DIM, D_PAD, False, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     stat = b64 * stride_lb + h64 * stride_lh + start + rows_m
     tl.store(DELTA + stat, delta, mask=row_ok)
-    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * _LOG2E
     if DOT_F32:
         do = do.to(tl.float32)
-
+    pos_m = _positions(POS, bid, start, rows_m, L, stride_pb, stride_ps, HAS_POS)
+    q1, q2 = _load_qk(q_base, q_base, m0, rows_m, L, stride_qs, pos_m, COS, SIN, stride_rot,
+                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
+    dq_base = DQ + b64 * stride_dqb + start * stride_dqs + h64 * stride_dqh
     if ROTARY:
-        pos_m = _positions(POS, bid, start, rows_m, L, stride_pb, stride_ps, HAS_POS)
-        q = _load_rotated(q_base, rows_m, L, stride_qs, pos_m, COS, SIN, stride_rot, BLOCK_M, HEAD_DIM, D_PAD, DOT_F32)
-        k_desc = k_base
-    else:
-        q = _load(q_base, q_base, m0, rows_m, L, stride_qs, HEAD_DIM, D_PAD, False, False, DOT_F32)
-        k_desc = _make_desc(k_base, L, stride_ks, BLOCK_N, D_PAD, USE_TMA)
-    v_desc = _make_desc(v_base, L, stride_vs, BLOCK_N, D_PAD, USE_TMA)
+        # Rotated once here, so that the dk/dv kernel streams them instead of rotating each tile
+        # group * (seq / BLOCK_N) times.
+        qrot_base = QROT + b64 * stride_dqb + start * stride_dqs + h64 * stride_dqh
+        _store(qrot_base, rows_m, L, stride_dqs, q1, HEAD_DIM // 2, QK_PAD)
+        _store(qrot_base + HEAD_DIM // 2, rows_m, L, stride_dqs, q2, HEAD_DIM // 2, QK_PAD)
+    k_desc = _make_desc(k_base, L, HEAD_DIM, stride_ks, BLOCK_N, QK_PAD, USE_TMA)
+    v_desc = _make_desc(v_base, L, HEAD_DIM, stride_vs, BLOCK_N, D_PAD, USE_TMA)
 
-    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32)
+    if ROTARY:
+        dq2 = tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32)
+    else:
+        dq2 = tl.zeros([1], dtype=tl.float32)  # unused
     if CAUSAL:
         full_end = m0
         hi = tl.minimum(m0 + BLOCK_M, L)
     else:
         full_end = (L // BLOCK_N) * BLOCK_N
         hi = L
-    dq = _dq_blocks(dq, q, do, lse2, delta, rows_m, 0, full_end, L, qk_scale,
-                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                    start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                    BLOCK_N, HEAD_DIM, D_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, rows_m, full_end, hi, L, qk_scale,
-                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                    start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                    BLOCK_N, HEAD_DIM, D_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32, PRECISION)
-    dq = dq * sm_scale
-    dq_base = DQ + b64 * stride_dqb + start * stride_dqs + h64 * stride_dqh
-    if ROTARY:
-        _store_unrotated(dq_base, rows_m, L, stride_dqs, dq, pos_m, COS, SIN, stride_rot, BLOCK_M, HEAD_DIM, D_PAD)
-    else:
-        _store(dq_base, rows_m, L, stride_dqs, dq, HEAD_DIM, D_PAD, False)
+    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, 0, full_end, L, qk_scale,
+                          k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                          start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                          BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                          PRECISION)
+    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, full_end, hi, L, qk_scale,
+                          k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                          start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                          BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                          PRECISION)
+    _store_qk_grad(dq_base, rows_m, L, stride_dqs, dq1 * sm_scale, dq2 * sm_scale, pos_m, COS, SIN, stride_rot,
+                   HEAD_DIM, QK_PAD, ROTARY)
 
 
 # ---------------------------------------------------------------------------- backward: dk and dv
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, rows_n, lo, hi, L, qk_scale,
+def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, lo, hi, L, qk_scale,
                  q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
                  start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK: tl.constexpr,
-                 ROTARY: tl.constexpr, HAS_POS: tl.constexpr, USE_TMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
+                 MASK: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr, USE_TMA: tl.constexpr,
                  DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     # Query blocks [lo, hi) against one key block, transposed (keys on rows) so that dk and dv
     # accumulate without a transpose. Query rows past L load as zeros (q, do, lse, delta), which makes
-    # their contribution exactly zero: only the causal diagonal needs a mask.
+    # their contribution exactly zero: only the causal diagonal needs a mask. With ROTARY, q_base
+    # points at the queries _attn_bwd_dq already rotated: no rotation in this loop.
     dtype = q_base.dtype.element_ty
     for m0 in range(lo, hi, BLOCK_M):
         rows_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows_m < L
-        if ROTARY:
-            pos_m = _positions(POS, bid, start, rows_m, L, stride_pb, stride_ps, HAS_POS)
-            q = _load_rotated(q_base, rows_m, L, stride_qs, pos_m, COS, SIN, stride_rot, BLOCK_M, HEAD_DIM, D_PAD,
-                              DOT_F32)
-        else:
-            q = _load(q_base, q_desc, m0, rows_m, L, stride_qs, HEAD_DIM, D_PAD, False, USE_TMA, DOT_F32)
-        do = _load(do_base, do_desc, m0, rows_m, L, stride_dos, HEAD_DIM, D_PAD, False, USE_TMA, DOT_F32)
-        lse2 = tl.load(lse_base + rows_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        q1, q2 = _load_qk(q_base, q_desc, m0, rows_m, L, stride_qs, rows_m, COS, SIN, stride_rot,
+                          HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32, False)
+        do = _load(do_base, do_desc, m0, rows_m, L, stride_dos, HEAD_DIM, D_PAD, USE_TMA, DOT_F32)
+        lse2 = tl.load(lse_base + rows_m, mask=row_ok, other=0.0) * _LOG2E
         delta = tl.load(delta_base + rows_m, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        st = _dot_nt(k1, k2, q1, q2, ROTARY, PRECISION) * qk_scale
         if MASK:
             st = tl.where(rows_m[None, :] >= rows_n[:, None], st, float("-inf"))
         pt = tl.math.exp2(st - lse2[None, :])
         dv = tl.dot(_mm(pt, dtype, DOT_F32), do, dv, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(_mm(dst, dtype, DOT_F32), q, dk, input_precision=PRECISION)
-    return dk, dv
+        dst = _mm(pt * (dpt - delta[None, :]), dtype, DOT_F32)
+        dk1 = tl.dot(dst, q1, dk1, input_precision=PRECISION)
+        if ROTARY:
+            dk2 = tl.dot(dst, q2, dk2, input_precision=PRECISION)
+    return dk1, dk2, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO,  # forward inputs and the output gradient
+    Q,  # queries; with ROTARY, the rotated queries _attn_bwd_dq wrote (QROT)
+    K, V, DO,  # forward inputs and the output gradient
     LSE, DELTA,  # forward log-sum-exp and _attn_bwd_dq's rowsum(o * do), same layout
     DK, DV,  # out: gradients of k and v, K's shape, contiguous
     CU, COS, SIN, POS,  # as in _attn_fwd
@@ -459,7 +479,7 @@ def _attn_bwd_dkdv(
     stride_lb, stride_lh,
     stride_rot, stride_pb, stride_ps,
     seqlen, n_kv_heads, n_batch, group,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # key rows per program
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
@@ -475,14 +495,16 @@ def _attn_bwd_dkdv(
     rows_n = n0 + tl.arange(0, BLOCK_N)
     k_base = K + b64 * stride_kb + start * stride_ks + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
-    if ROTARY:
-        pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
-        k = _load_rotated(k_base, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot, BLOCK_N, HEAD_DIM, D_PAD, DOT_F32)
-    else:
-        k = _load(k_base, k_base, n0, rows_n, L, stride_ks, HEAD_DIM, D_PAD, False, False, DOT_F32)
-    v = _load(v_base, v_base, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, False, False, DOT_F32)
+    pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
+    k1, k2 = _load_qk(k_base, k_base, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
+                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
+    v = _load(v_base, v_base, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, False, DOT_F32)
 
-    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, QK_PAD], dtype=tl.float32)
+    if ROTARY:
+        dk2 = tl.zeros([BLOCK_N, QK_PAD], dtype=tl.float32)
+    else:
+        dk2 = tl.zeros([1], dtype=tl.float32)  # unused
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     if CAUSAL:
         lo = (n0 // BLOCK_M) * BLOCK_M  # first query block that sees any of these keys
@@ -496,27 +518,23 @@ def _attn_bwd_dkdv(
         do_base = DO + b64 * stride_dob + start * stride_dos + h64 * stride_doh
         lse_base = LSE + b64 * stride_lb + h64 * stride_lh + start
         delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + start
-        if ROTARY:
-            q_desc = q_base
-        else:
-            q_desc = _make_desc(q_base, L, stride_qs, BLOCK_M, D_PAD, USE_TMA)
-        do_desc = _make_desc(do_base, L, stride_dos, BLOCK_M, D_PAD, USE_TMA)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, rows_n, lo, mid, L, qk_scale,
-                              q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
-                              start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                              BLOCK_M, HEAD_DIM, D_PAD, True, ROTARY, HAS_POS, USE_TMA, DOT_F32, PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, rows_n, mid, L, L, qk_scale,
-                              q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
-                              start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                              BLOCK_M, HEAD_DIM, D_PAD, False, ROTARY, HAS_POS, USE_TMA, DOT_F32, PRECISION)
-    dk = dk * sm_scale
+        q_desc = _make_desc(q_base, L, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
+        do_desc = _make_desc(do_base, L, HEAD_DIM, stride_dos, BLOCK_M, D_PAD, USE_TMA)
+        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, lo, mid, L, qk_scale,
+                                    q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                                    start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, True, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                    PRECISION)
+        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, mid, L, L, qk_scale,
+                                    q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                                    start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, False, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                    PRECISION)
     dk_base = DK + b64 * stride_dkb + start * stride_dks + kvh.to(tl.int64) * stride_dkh
     dv_base = DV + b64 * stride_dkb + start * stride_dks + kvh.to(tl.int64) * stride_dkh
-    if ROTARY:
-        _store_unrotated(dk_base, rows_n, L, stride_dks, dk, pos_n, COS, SIN, stride_rot, BLOCK_N, HEAD_DIM, D_PAD)
-    else:
-        _store(dk_base, rows_n, L, stride_dks, dk, HEAD_DIM, D_PAD, False)
-    _store(dv_base, rows_n, L, stride_dks, dv, HEAD_DIM, D_PAD, False)
+    _store_qk_grad(dk_base, rows_n, L, stride_dks, dk1 * sm_scale, dk2 * sm_scale, pos_n, COS, SIN, stride_rot,
+                   HEAD_DIM, QK_PAD, ROTARY)
+    _store(dv_base, rows_n, L, stride_dks, dv, HEAD_DIM, D_PAD)
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -534,6 +552,11 @@ def _d_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _qk_pad(head_dim: int, rotary: bool) -> int:
+    # width of a q/k tile: rotary keeps the two halves as separate tiles
+    return max(16, triton.next_power_of_2(head_dim // 2)) if rotary else _d_pad(head_dim)
+
+
 # Every tile shape lives here. Default first; the rest are the autotuner's candidates on a GPU.
 # Reasoning for the defaults (bf16/fp16, d = 128): a 128-row query tile makes each k/v tile read from
 # L2 feed 128 x 128 x 2 x 2 flops per byte pair; the fp32 accumulators (128 x 128 for o, the same for
@@ -543,24 +566,24 @@ def _d_pad(head_dim: int) -> int:
 # correctness path: no tensor cores) use small tiles.
 _TABLE = {
     # (kernel, arch, dtype class, head_dim class) -> [Config...]
-    ("fwd", 90, "16", 64): [Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(128, 64, 8, 4), Config(64, 64, 4, 3)],
-    ("fwd", 90, "16", 128): [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 64, 8, 4), Config(64, 64, 4, 3)],
+    ("fwd", 90, "16", 64): [Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 8, 4), Config(64, 64, 4, 3)],
+    ("fwd", 90, "16", 128): [Config(128, 128, 8, 3), Config(128, 128, 8, 2), Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
     ("fwd", 90, "16", 256): [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3)],
-    ("fwd", 80, "16", 64): [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3)],
-    ("fwd", 80, "16", 128): [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3)],
+    ("fwd", 80, "16", 64): [Config(128, 64, 4, 2), Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
+    ("fwd", 80, "16", 128): [Config(128, 64, 8, 2), Config(128, 32, 8, 3), Config(64, 64, 4, 2)],
     ("fwd", 80, "16", 256): [Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 32, 4, 2)],
     ("dq", 90, "16", 64): [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3)],
     ("dq", 90, "16", 128): [Config(128, 64, 8, 3), Config(128, 32, 8, 3), Config(64, 64, 4, 3)],
     ("dq", 90, "16", 256): [Config(64, 32, 4, 2), Config(64, 64, 8, 2), Config(32, 32, 4, 2)],
     ("dq", 80, "16", 64): [Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3)],
-    ("dq", 80, "16", 128): [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(128, 32, 8, 3)],
+    ("dq", 80, "16", 128): [Config(128, 32, 8, 2), Config(64, 32, 4, 2), Config(128, 32, 8, 3)],
     ("dq", 80, "16", 256): [Config(64, 32, 4, 2), Config(64, 64, 8, 1), Config(32, 32, 4, 2)],
-    ("dkdv", 90, "16", 64): [Config(64, 128, 8, 3), Config(32, 128, 4, 3), Config(64, 64, 4, 3)],
-    ("dkdv", 90, "16", 128): [Config(64, 128, 8, 2), Config(32, 128, 8, 3), Config(64, 64, 4, 2)],
-    ("dkdv", 90, "16", 256): [Config(32, 64, 4, 2), Config(32, 64, 8, 2), Config(16, 64, 4, 2)],
-    ("dkdv", 80, "16", 64): [Config(64, 128, 8, 2), Config(32, 128, 4, 3), Config(64, 64, 4, 2)],
-    ("dkdv", 80, "16", 128): [Config(64, 128, 8, 2), Config(32, 128, 8, 2), Config(64, 64, 4, 2)],
-    ("dkdv", 80, "16", 256): [Config(32, 64, 4, 2), Config(32, 64, 8, 1), Config(16, 64, 4, 2)],
+    ("dkdv", 90, "16", 64): [Config(32, 128, 8, 3), Config(64, 128, 8, 3), Config(64, 64, 4, 3)],
+    ("dkdv", 90, "16", 128): [Config(32, 128, 8, 3), Config(16, 128, 8, 3), Config(32, 128, 8, 2)],
+    ("dkdv", 90, "16", 256): [Config(32, 64, 8, 2), Config(16, 64, 8, 2), Config(16, 64, 4, 2)],
+    ("dkdv", 80, "16", 64): [Config(32, 128, 8, 2), Config(32, 64, 4, 2), Config(64, 64, 4, 2)],
+    ("dkdv", 80, "16", 128): [Config(32, 64, 8, 2), Config(16, 128, 8, 2), Config(32, 64, 4, 1)],
+    ("dkdv", 80, "16", 256): [Config(32, 64, 8, 1), Config(16, 64, 8, 2), Config(16, 32, 4, 2)],
     # fp32: the ieee path, for correctness
     ("fwd", 90, "32", 128): [Config(64, 32, 4, 2)],
     ("fwd", 90, "32", 256): [Config(32, 32, 4, 1)],
@@ -601,15 +624,16 @@ def default_config(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: in
     return candidates(kernel, cc, dtype, head_dim)[0]
 
 
-def use_tma(cc: int | None, head_dim: int, *tensors: torch.Tensor) -> bool:
+def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor) -> bool:
     """TMA descriptors on sm_90 when every (document, head) slab satisfies TMA's rules: 16-byte
-    aligned base and row stride, unit stride along d, d a power of two."""
+    aligned base and row stride, unit stride along d; and d a power of two (with rotary, whose
+    tiles are half as wide, at least 32) so that a tile is exactly a box."""
     if cc is None:
         if not _INTERPRET_TMA:
             return False
     elif cc < 90:
         return False
-    if head_dim != _d_pad(head_dim):
+    if head_dim != _d_pad(head_dim) or (rotary and head_dim < 32):
         return False
     for t in tensors:
         es = t.element_size()
@@ -767,7 +791,7 @@ class _Problem:
             POS=pos if pos is not None else dummy, stride_rot=self.cos.stride(0) if rot else 0,
             stride_pb=pstrides[0], stride_ps=pstrides[1], seqlen=self.seqlen if not self.packed else 0,
             n_batch=self.n_batch, group=self.n_heads // self.n_kv, HEAD_DIM=self.head_dim,
-            D_PAD=_d_pad(self.head_dim), CAUSAL=self.causal, PACKED=self.packed, ROTARY=rot,
+            D_PAD=_d_pad(self.head_dim), QK_PAD=_qk_pad(self.head_dim, rot), CAUSAL=self.causal, PACKED=self.packed, ROTARY=rot,
             HAS_POS=pos is not None)
 
     def lse_strides(self, lse: torch.Tensor) -> dict:
@@ -841,7 +865,7 @@ def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, co
         return o, lse.fill_(float("-inf"))
     P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
     cc = _cc(q)
-    tma = use_tma(cc, P.head_dim, q, k, v)
+    tma = use_tma(cc, P.head_dim, cos is not None, q, k, v)
     if tma and q.is_cuda:
         _ensure_allocator()
     flags = _flags(q, cc, tma)
@@ -866,22 +890,23 @@ def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, m
         return dq, dk.zero_(), dv.zero_()
     P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
     cc = _cc(q)
-    tma = use_tma(cc, P.head_dim, q, k, v, do)
+    tma = use_tma(cc, P.head_dim, cos is not None, q, k, v, do, dq)
     if tma and q.is_cuda:
         _ensure_allocator()
     flags = _flags(q, cc, tma)
     delta = torch.empty_like(lse)
+    qrot = torch.empty_like(dq) if cos is not None else dq  # written by the dq kernel, read by dkdv
     bo, bdq, bdk = _bsh(o, packed), _bsh(dq, packed), _bsh(dk, packed)
 
     def run_dq(cfg: Config):
         _attn_bwd_dq[_grid(P, cfg.block_m, P.n_heads)](
-            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), O=o, DQ=dq,
+            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), O=o, DQ=dq, QROT=qrot,
             stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
             stride_dqh=bdq[2], n_heads=P.n_heads, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def run_dkdv(cfg: Config):
         _attn_bwd_dkdv[_grid(P, cfg.block_n, P.n_kv)](
-            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), DK=dk, DV=dv,
+            **_bwd_args(P, qrot if cos is not None else q, k, v, do, lse, delta, cfg, flags), DK=dk, DV=dv,
             stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -961,33 +986,37 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
 
 
 # ---------------------------------------------------------------------------- static report
-def static_launches(cc: int | None = None) -> list[Launch]:
-    """The forward and backward launches of a Llama-2-70B layer (bf16, 64 query and 8 kv heads,
-    head_dim 128, seq 4096, batch 4, causal), configured as they run on ``cc`` (80 or 90; None: both).
+def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int, causal: bool = True,
+              rotary: bool = False) -> list[Launch]:
+    """The three launches of one batched call, configured as they run on ``arch`` (default configs).
     Tensors live on the meta device: the compiler reads only their dtype and alignment."""
-    archs = (80, 90) if cc is None else (cc,)
-    b, s, h, hkv, d = 4, 4096, 64, 8, 128
-    meta = dict(dtype=torch.bfloat16, device="meta")
+    meta = dict(dtype=dtype, device="meta")
     q, o, do = (torch.empty(b, s, h, d, **meta) for _ in range(3))
     k, v = torch.empty(b, s, hkv, d, **meta), torch.empty(b, s, hkv, d, **meta)
     lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
-    P = _Problem(False, b, s, h, hkv, d, True, 1.0 / math.sqrt(d), None, None, None, None)
-    launches = []
-    for arch in archs:
-        flags = dict(USE_TMA=arch >= 90, DOT_F32=False, PRECISION="tf32")
-        fwd = default_config("fwd", arch, q.dtype, d)
-        launches.append(Launch(f"attention_fwd@sm_{arch}", _attn_fwd, _fwd_args(P, q, k, v, o, lse, fwd, flags),
-                               fwd.num_warps, fwd.num_stages, _grid(P, fwd.block_m, h)))
-        dq = default_config("dq", arch, q.dtype, d)
-        launches.append(Launch(
-            f"attention_bwd_dq@sm_{arch}", _attn_bwd_dq,
-            dict(_bwd_args(P, q, k, v, do, lse, lse, dq, flags), O=o, DQ=q, stride_ob=o.stride(0),
-                 stride_os=o.stride(1), stride_oh=o.stride(2), stride_dqb=q.stride(0), stride_dqs=q.stride(1),
-                 stride_dqh=q.stride(2), n_heads=h), dq.num_warps, dq.num_stages, _grid(P, dq.block_m, h)))
-        kv = default_config("dkdv", arch, q.dtype, d)
-        launches.append(Launch(
-            f"attention_bwd_dkdv@sm_{arch}", _attn_bwd_dkdv,
-            dict(_bwd_args(P, q, k, v, do, lse, lse, kv, flags), DK=k, DV=v, stride_dkb=k.stride(0),
-                 stride_dks=k.stride(1), stride_dkh=k.stride(2), n_kv_heads=hkv),
-            kv.num_warps, kv.num_stages, _grid(P, kv.block_n, hkv)))
-    return launches
+    cos = sin = torch.empty(s, d // 2, dtype=torch.float32, device="meta") if rotary else None
+    P = _Problem(False, b, s, h, hkv, d, causal, 1.0 / math.sqrt(d), None, cos, sin, None)
+    flags = dict(USE_TMA=arch >= 90 and d == _d_pad(d) and (d >= 32 or not rotary), DOT_F32=False,
+                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    fwd, dq, kv = (default_config(kernel, arch, dtype, d) for kernel in ("fwd", "dq", "dkdv"))
+    return [
+        Launch(f"attention_fwd@sm_{arch}", _attn_fwd, _fwd_args(P, q, k, v, o, lse, fwd, flags),
+               fwd.num_warps, fwd.num_stages, _grid(P, fwd.block_m, h)),
+        Launch(f"attention_bwd_dq@sm_{arch}", _attn_bwd_dq,
+               dict(_bwd_args(P, q, k, v, do, lse, lse, dq, flags), O=o, DQ=q, QROT=do, stride_ob=o.stride(0),
+                    stride_os=o.stride(1), stride_oh=o.stride(2), stride_dqb=q.stride(0), stride_dqs=q.stride(1),
+                    stride_dqh=q.stride(2), n_heads=h),
+               dq.num_warps, dq.num_stages, _grid(P, dq.block_m, h)),
+        Launch(f"attention_bwd_dkdv@sm_{arch}", _attn_bwd_dkdv,
+               dict(_bwd_args(P, q, k, v, do, lse, lse, kv, flags), DK=k, DV=v, stride_dkb=k.stride(0),
+                    stride_dks=k.stride(1), stride_dkh=k.stride(2), n_kv_heads=hkv),
+               kv.num_warps, kv.num_stages, _grid(P, kv.block_n, hkv)),
+    ]
+
+
+def static_launches(cc: int | None = None) -> list[Launch]:
+    """The forward and backward launches of a Llama-2-70B layer (bf16, 64 query and 8 kv heads,
+    head_dim 128, seq 4096, batch 4, causal), configured as they run on ``cc`` (80 or 90; None: both;
+    each launch's name ends in the architecture it is configured for)."""
+    return [launch for arch in ((80, 90) if cc is None else (cc,))
+            for launch in _launches(arch, torch.bfloat16, 4, 4096, 64, 8, 128)]
