@@ -23,6 +23,7 @@ sm_80, and where a tensor's strides break TMA's 16-byte rule, the same kernels u
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -351,6 +352,8 @@ def _attn_bwd_dq(
     DELTA,  # out: rowsum(o * do) in fp32, LSE's layout, read by _attn_bwd_dkdv
     DQ,  # out: gradient of q, Q's shape, contiguous
     QROT,  # out (ROTARY only): the rotated queries, DQ's shape and strides, for _attn_bwd_dkdv
+    KROT,  # out (ROTARY only): the rotated keys, contiguous like K, for _attn_bwd_dkdv
+    stride_krb, stride_krs, stride_krh,  # KROT's strides
     CU, COS, SIN, POS,  # as in _attn_fwd
     qk_scale,  # softmax_scale * log2(e)
     sm_scale,  # softmax_scale: the chain-rule factor of dq
@@ -427,6 +430,15 @@ def _attn_bwd_dq(
                           PRECISION)
     _store_qk_grad(dq_base, rows_m, L, stride_dqs, dq1 * sm_scale, dq2 * sm_scale, pos_m, COS, SIN, stride_rot,
                    HEAD_DIM, QK_PAD, ROTARY)
+    if ROTARY:
+        if head % group == 0:
+            # One program per (kv head, row block) also hands over these rows of k rotated (keys and
+            # queries share positions), so the dk/dv kernel never rotates either.
+            k1, k2 = _load_qk(k_base, k_base, m0, rows_m, L, stride_ks, pos_m, COS, SIN, stride_rot,
+                              HEAD_DIM, QK_PAD, ROTARY, False, False)
+            krot_base = KROT + b64 * stride_krb + start * stride_krs + kvh.to(tl.int64) * stride_krh
+            _store(krot_base, rows_m, L, stride_krs, k1, HEAD_DIM // 2, QK_PAD)
+            _store(krot_base + HEAD_DIM // 2, rows_m, L, stride_krs, k2, HEAD_DIM // 2, QK_PAD)
 
 
 # ---------------------------------------------------------------------------- backward: dk and dv
@@ -465,8 +477,8 @@ def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, lo, hi, L, qk_scale,
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q,  # queries; with ROTARY, the rotated queries _attn_bwd_dq wrote (QROT)
-    K, V, DO,  # forward inputs and the output gradient
+    Q, K,  # queries and keys; with ROTARY, the rotated ones _attn_bwd_dq wrote (QROT, KROT)
+    V, DO,  # forward values and the output gradient
     LSE, DELTA,  # forward log-sum-exp and _attn_bwd_dq's rowsum(o * do), same layout
     DK, DV,  # out: gradients of k and v, K's shape, contiguous
     CU, COS, SIN, POS,  # as in _attn_fwd
@@ -497,7 +509,7 @@ def _attn_bwd_dkdv(
     v_base = V + b64 * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
     pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
     k1, k2 = _load_qk(k_base, k_base, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
-                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
+                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32, False)
     v = _load(v_base, v_base, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, False, DOT_F32)
 
     dk1 = tl.zeros([BLOCK_N, QK_PAD], dtype=tl.float32)
@@ -557,46 +569,67 @@ def _qk_pad(head_dim: int, rotary: bool) -> int:
     return max(16, triton.next_power_of_2(head_dim // 2)) if rotary else _d_pad(head_dim)
 
 
-# Every tile shape lives here. Default first; the rest are the autotuner's candidates on a GPU.
-# Reasoning for the defaults (bf16/fp16, d = 128): a 128-row query tile makes each k/v tile read from
-# L2 feed 128 x 128 x 2 x 2 flops per byte pair; the fp32 accumulators (128 x 128 for o, the same for
-# the scores) need 8 warps to stay in registers. Hopper's wgmma and TMA pipeline take 3 stages of
-# 64 KB k+v tiles within its 227 KB; Ampere's cp.async gets 2 within 163 KB. The dk/dv program holds
-# two 128 x d fp32 accumulators plus k and v, so it streams 64-row query tiles. fp32 inputs (a
-# correctness path: no tensor cores) use small tiles.
+# Every tile shape lives here: {(kernel, arch, head_dim class, rotary): [default, other candidates]}.
+# The autotuner (on a GPU) times the candidates; the default runs everywhere else, and is what the
+# static report compiles. Every default compiles without spills for sm_80 and sm_90.
+# Reasoning, bf16/fp16 at d = 128: a 128-row query tile makes each k/v tile fetched from L2 feed
+# 128 x 128 x 4 flops per pair of elements; its fp32 accumulators (o, and the scores) take 8 warps
+# to stay in registers. On Hopper, wgmma reads k and v straight from shared memory, and 3 stages of
+# 64 KB k+v tiles plus the 32 KB q tile fit in 227 KB. Ampere's mma.sync pulls operands through
+# registers, so its tiles are half as wide. The dk/dv program holds two fp32 key-block accumulators,
+# which caps it at 128 keys x 32 queries per step on sm_90 (64 keys on sm_80). Rotary tiles carry the
+# fp32 cos/sin tiles of every key block too, so they use half the key rows.
+_C = Config
 _TABLE = {
-    # (kernel, arch, dtype class, head_dim class) -> [Config...]
-    ("fwd", 90, "16", 64): [Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 8, 4), Config(64, 64, 4, 3)],
-    ("fwd", 90, "16", 128): [Config(128, 128, 8, 3), Config(128, 128, 8, 2), Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
-    ("fwd", 90, "16", 256): [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3)],
-    ("fwd", 80, "16", 64): [Config(128, 64, 4, 2), Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
-    ("fwd", 80, "16", 128): [Config(128, 64, 8, 2), Config(128, 32, 8, 3), Config(64, 64, 4, 2)],
-    ("fwd", 80, "16", 256): [Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 32, 4, 2)],
-    ("dq", 90, "16", 64): [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3)],
-    ("dq", 90, "16", 128): [Config(128, 64, 8, 3), Config(128, 32, 8, 3), Config(64, 64, 4, 3)],
-    ("dq", 90, "16", 256): [Config(64, 32, 4, 2), Config(64, 64, 8, 2), Config(32, 32, 4, 2)],
-    ("dq", 80, "16", 64): [Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3)],
-    ("dq", 80, "16", 128): [Config(128, 32, 8, 2), Config(64, 32, 4, 2), Config(128, 32, 8, 3)],
-    ("dq", 80, "16", 256): [Config(64, 32, 4, 2), Config(64, 64, 8, 1), Config(32, 32, 4, 2)],
-    ("dkdv", 90, "16", 64): [Config(32, 128, 8, 3), Config(64, 128, 8, 3), Config(64, 64, 4, 3)],
-    ("dkdv", 90, "16", 128): [Config(32, 128, 8, 3), Config(16, 128, 8, 3), Config(32, 128, 8, 2)],
-    ("dkdv", 90, "16", 256): [Config(32, 64, 8, 2), Config(16, 64, 8, 2), Config(16, 64, 4, 2)],
-    ("dkdv", 80, "16", 64): [Config(32, 128, 8, 2), Config(32, 64, 4, 2), Config(64, 64, 4, 2)],
-    ("dkdv", 80, "16", 128): [Config(32, 64, 8, 2), Config(16, 128, 8, 2), Config(32, 64, 4, 1)],
-    ("dkdv", 80, "16", 256): [Config(32, 64, 8, 1), Config(16, 64, 8, 2), Config(16, 32, 4, 2)],
-    # fp32: the ieee path, for correctness
-    ("fwd", 90, "32", 128): [Config(64, 32, 4, 2)],
-    ("fwd", 90, "32", 256): [Config(32, 32, 4, 1)],
-    ("fwd", 80, "32", 128): [Config(64, 32, 4, 2)],
-    ("fwd", 80, "32", 256): [Config(32, 32, 4, 1)],
-    ("dq", 90, "32", 128): [Config(64, 32, 4, 1)],
-    ("dq", 90, "32", 256): [Config(32, 32, 4, 1)],
-    ("dq", 80, "32", 128): [Config(64, 32, 4, 1)],
-    ("dq", 80, "32", 256): [Config(32, 32, 4, 1)],
-    ("dkdv", 90, "32", 128): [Config(32, 64, 4, 1)],
-    ("dkdv", 90, "32", 256): [Config(32, 32, 4, 1)],
-    ("dkdv", 80, "32", 128): [Config(32, 64, 4, 1)],
-    ("dkdv", 80, "32", 256): [Config(32, 32, 4, 1)],
+    ("fwd", 90, 64, False): [_C(128, 128, 8, 3), _C(128, 64, 4, 3), _C(128, 128, 8, 4), _C(64, 64, 4, 3)],
+    ("fwd", 90, 128, False): [_C(128, 128, 8, 3), _C(128, 128, 8, 2), _C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+    ("fwd", 90, 256, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(64, 32, 4, 3)],
+    ("fwd", 80, 64, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 64, 4, 2)],
+    ("fwd", 80, 128, False): [_C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 4, 2)],
+    ("fwd", 80, 256, False): [_C(64, 32, 8, 2), _C(32, 32, 4, 2), _C(64, 64, 8, 2)],
+    ("dq", 90, 64, False): [_C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(64, 64, 4, 3)],
+    ("dq", 90, 128, False): [_C(128, 64, 8, 3), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
+    ("dq", 90, 256, False): [_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(32, 32, 4, 2)],
+    ("dq", 80, 64, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 3), _C(128, 32, 4, 3)],
+    ("dq", 80, 128, False): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(128, 32, 8, 3)],
+    ("dq", 80, 256, False): [_C(64, 32, 8, 2), _C(32, 32, 4, 2), _C(64, 16, 4, 2)],
+    ("dkdv", 90, 64, False): [_C(32, 128, 8, 3), _C(64, 128, 8, 3), _C(64, 64, 4, 3)],
+    ("dkdv", 90, 128, False): [_C(32, 128, 8, 3), _C(16, 128, 8, 3), _C(32, 128, 8, 2)],
+    ("dkdv", 90, 256, False): [_C(32, 32, 8, 2), _C(32, 64, 8, 2), _C(16, 64, 8, 2)],
+    ("dkdv", 80, 64, False): [_C(32, 128, 8, 2), _C(32, 64, 4, 2), _C(64, 64, 4, 2)],
+    ("dkdv", 80, 128, False): [_C(32, 64, 8, 2), _C(16, 128, 8, 2), _C(32, 64, 4, 1)],
+    ("dkdv", 80, 256, False): [_C(32, 32, 8, 2), _C(16, 64, 8, 2), _C(16, 32, 4, 2)],
+    ("fwd", 90, 64, True): [_C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(64, 64, 4, 3)],
+    ("fwd", 90, 128, True): [_C(128, 64, 8, 2), _C(128, 64, 8, 3), _C(128, 128, 8, 2)],
+    ("fwd", 90, 256, True): [_C(64, 32, 8, 2), _C(64, 64, 8, 2)],
+    ("fwd", 80, 64, True): [_C(64, 32, 4, 2), _C(128, 32, 8, 2)],
+    ("fwd", 80, 128, True): [_C(64, 32, 4, 2), _C(64, 16, 4, 2)],
+    ("fwd", 80, 256, True): [_C(32, 32, 4, 2), _C(64, 16, 4, 2)],
+    ("dq", 90, 64, True): [_C(128, 64, 8, 2), _C(128, 32, 8, 3)],
+    ("dq", 90, 128, True): [_C(128, 32, 8, 3), _C(128, 64, 8, 2)],
+    ("dq", 90, 256, True): [_C(32, 32, 8, 2), _C(16, 16, 4, 2)],
+    ("dq", 80, 64, True): [_C(64, 32, 4, 2), _C(32, 32, 4, 2)],
+    ("dq", 80, 128, True): [_C(32, 32, 4, 2), _C(64, 16, 4, 2)],
+    ("dq", 80, 256, True): [_C(32, 16, 8, 2), _C(16, 16, 4, 2)],
+    ("dkdv", 90, 64, True): [_C(32, 128, 8, 3), _C(32, 64, 4, 3)],
+    ("dkdv", 90, 128, True): [_C(32, 128, 8, 3), _C(16, 128, 8, 3)],
+    ("dkdv", 90, 256, True): [_C(32, 32, 8, 2), _C(16, 16, 4, 2)],
+    ("dkdv", 80, 64, True): [_C(32, 64, 8, 2), _C(32, 32, 4, 2)],
+    ("dkdv", 80, 128, True): [_C(32, 32, 4, 2), _C(16, 64, 8, 2)],
+    ("dkdv", 80, 256, True): [_C(16, 32, 8, 2), _C(16, 16, 4, 2)],
+}
+# Head dims that are not a power of two load through masked pointers rather than TMA; where that
+# costs registers, they get their own entry.
+_TABLE_PADDED = {
+    ("dkdv", 90, 128, False): [_C(16, 128, 8, 3)],
+    ("dkdv", 90, 128, True): [_C(16, 128, 8, 3)],
+}
+# fp32 inputs run the "ieee" dot, on CUDA cores: a correctness path, in small tiles (one config).
+# Its dq kernel keeps q, do and dq whole per thread and spills under 1 KB even so.
+_TABLE_F32 = {
+    ("fwd", 128): _C(32, 16, 4, 1), ("fwd", 256): _C(16, 16, 4, 1),
+    ("dq", 128): _C(16, 16, 4, 1), ("dq", 256): _C(16, 16, 8, 1),
+    ("dkdv", 128): _C(16, 32, 4, 1), ("dkdv", 256): _C(16, 16, 4, 1),
 }
 
 # Under the interpreter every program runs in Python: small tiles, with block_m != block_n so that
@@ -604,24 +637,23 @@ _TABLE = {
 _INTERPRETER = {"fwd": Config(32, 16, 4, 1), "dq": Config(32, 16, 4, 1), "dkdv": Config(16, 32, 4, 1)}
 
 
-def _table_key(kernel: str, cc: int, dtype: torch.dtype, head_dim: int):
-    arch = 90 if cc >= 90 else 80
-    if dtype == torch.float32:
-        return (kernel, arch, "32", 128 if _d_pad(head_dim) <= 128 else 256)
-    return (kernel, arch, "16", min(max(_d_pad(head_dim), 64), 256))
-
-
-def candidates(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int) -> list[Config]:
+def candidates(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False) -> list[Config]:
     """The configurations of ``kernel`` ("fwd", "dq" or "dkdv"); the first is the default.
     cc None: the interpreter."""
     if cc is None:
         return [_INTERPRETER[kernel]]
-    return _TABLE[_table_key(kernel, cc, dtype, head_dim)]
+    width = _d_pad(head_dim)
+    if dtype == torch.float32:
+        return [_TABLE_F32[(kernel, 128 if width <= 128 else 256)]]
+    key = (kernel, 90 if cc >= 90 else 80, min(max(width, 64), 256), rotary)
+    if head_dim != width and key in _TABLE_PADDED:
+        return _TABLE_PADDED[key]
+    return _TABLE[key]
 
 
-def default_config(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int) -> Config:
+def default_config(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False) -> Config:
     """The deterministic configuration: what runs without autotuning and what the static report compiles."""
-    return candidates(kernel, cc, dtype, head_dim)[0]
+    return candidates(kernel, cc, dtype, head_dim, rotary)[0]
 
 
 def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor) -> bool:
@@ -631,7 +663,7 @@ def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor)
     if cc is None:
         if not _INTERPRET_TMA:
             return False
-    elif cc < 90:
+    elif cc < 90 or tensors[0].dtype == torch.float32:  # fp32 runs on CUDA cores: nothing to feed
         return False
     if head_dim != _d_pad(head_dim) or (rotary and head_dim < 32):
         return False
@@ -656,13 +688,13 @@ def _autotune_enabled(x: torch.Tensor) -> bool:
 _TUNED: dict[tuple, Config] = {}
 
 
-def _pick(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, key: tuple, run) -> Config:
+def _pick(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, rotary: bool, key: tuple, run) -> Config:
     """The configuration for this call: the default, or on a GPU the fastest candidate for ``key``
     (head_dim and the sequence length bucket among it), measured once per process."""
-    cands = candidates(kernel, cc, x.dtype, head_dim)
+    cands = candidates(kernel, cc, x.dtype, head_dim, rotary)
     if len(cands) == 1 or not _autotune_enabled(x):
         return cands[0]
-    key = (kernel, cc, x.dtype, head_dim) + key
+    key = (kernel, cc, x.dtype, head_dim, rotary) + key
     if key not in _TUNED:
         best, best_ms = cands[0], float("inf")
         for cfg in cands:
@@ -805,8 +837,14 @@ def _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, posi
     head_dim = q.shape[-1]
     if packed:
         n_batch = cu_seqlens.shape[0] - 1
-        seqlen = max_seqlen if max_seqlen > 0 else _longest_document(cu_seqlens)
-        seqlen = min(seqlen, q.shape[0])
+        if max_seqlen > 0 and (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+            seqlen = max_seqlen  # no host sync inside a CUDA graph capture: trusted as given
+        else:
+            # The grid covers max_seqlen rows per document: a smaller value would leave rows unwritten,
+            # and the public API's check does not run under torch.compile. One sync per offsets tensor.
+            seqlen = _longest_document(cu_seqlens)
+            if max_seqlen > 0 and max_seqlen < seqlen:
+                raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document ({seqlen} tokens)")
     else:
         n_batch, seqlen = q.shape[0], q.shape[1]
     if cos is not None:
@@ -874,7 +912,7 @@ def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, co
         _attn_fwd[_grid(P, cfg.block_m, P.n_heads)](**_fwd_args(P, q, k, v, o, lse, cfg, flags),
                                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = _pick("fwd", cc, q, P.head_dim, (causal, packed, cos is not None, tma, _seq_bucket(P)), run)
+    cfg = _pick("fwd", cc, q, P.head_dim, cos is not None, (causal, packed, tma, _seq_bucket(P)), run)
     run(cfg)
     return o, lse
 
@@ -895,34 +933,44 @@ def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, m
         _ensure_allocator()
     flags = _flags(q, cc, tma)
     delta = torch.empty_like(lse)
-    qrot = torch.empty_like(dq) if cos is not None else dq  # written by the dq kernel, read by dkdv
+    # the dq kernel writes q and k rotated; the dk/dv kernel reads them
+    qrot = torch.empty_like(dq) if cos is not None else dq
+    krot = torch.empty_like(dk) if cos is not None else dk
     bo, bdq, bdk = _bsh(o, packed), _bsh(dq, packed), _bsh(dk, packed)
 
     def run_dq(cfg: Config):
         _attn_bwd_dq[_grid(P, cfg.block_m, P.n_heads)](
-            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), O=o, DQ=dq, QROT=qrot,
+            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), O=o, DQ=dq, QROT=qrot, KROT=krot,
+            stride_krb=bdk[0], stride_krs=bdk[1], stride_krh=bdk[2],
             stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
             stride_dqh=bdq[2], n_heads=P.n_heads, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def run_dkdv(cfg: Config):
         _attn_bwd_dkdv[_grid(P, cfg.block_n, P.n_kv)](
-            **_bwd_args(P, qrot if cos is not None else q, k, v, do, lse, delta, cfg, flags), DK=dk, DV=dv,
+            **_bwd_args(P, qrot if cos is not None else q, krot if cos is not None else k, v, do, lse, delta, cfg,
+                        flags), DK=dk, DV=dv,
             stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    key = (causal, packed, cos is not None, tma, _seq_bucket(P))
-    run_dq(_pick("dq", cc, q, P.head_dim, key, run_dq))  # also writes delta, which run_dkdv reads
-    run_dkdv(_pick("dkdv", cc, q, P.head_dim, key, run_dkdv))
+    key = (causal, packed, tma, _seq_bucket(P))
+    run_dq(_pick("dq", cc, q, P.head_dim, cos is not None, key, run_dq))  # writes delta, read by run_dkdv
+    run_dkdv(_pick("dkdv", cc, q, P.head_dim, cos is not None, key, run_dkdv))
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------- torch.library registration
+def _on_device(x: torch.Tensor):
+    # Triton launches on the current device (and allocates descriptor scratch there): make it x's.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("meditron_kernels::triton_flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
             cu_seqlens: Optional[torch.Tensor], max_seqlen: int, cos: Optional[torch.Tensor],
             sin: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     # max_seqlen 0: unknown, measured from cu_seqlens inside (a host sync a traced graph must not see)
-    return attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
+    with _on_device(q):
+        return attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
 
 
 @_fwd_op.register_fake
@@ -935,8 +983,9 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             lse: torch.Tensor, causal: bool, softmax_scale: float, cu_seqlens: Optional[torch.Tensor],
             max_seqlen: int, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
             position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin,
-                              position_ids)
+    with _on_device(q):
+        return attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin,
+                                  position_ids)
 
 
 @_bwd_op.register_fake
@@ -996,14 +1045,15 @@ def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d
     lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
     cos = sin = torch.empty(s, d // 2, dtype=torch.float32, device="meta") if rotary else None
     P = _Problem(False, b, s, h, hkv, d, causal, 1.0 / math.sqrt(d), None, cos, sin, None)
-    flags = dict(USE_TMA=arch >= 90 and d == _d_pad(d) and (d >= 32 or not rotary), DOT_F32=False,
+    flags = dict(USE_TMA=arch >= 90 and d == _d_pad(d) and (d >= 32 or not rotary) and dtype != torch.float32, DOT_F32=False,
                  PRECISION="ieee" if dtype == torch.float32 else "tf32")
-    fwd, dq, kv = (default_config(kernel, arch, dtype, d) for kernel in ("fwd", "dq", "dkdv"))
+    fwd, dq, kv = (default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv"))
     return [
         Launch(f"attention_fwd@sm_{arch}", _attn_fwd, _fwd_args(P, q, k, v, o, lse, fwd, flags),
                fwd.num_warps, fwd.num_stages, _grid(P, fwd.block_m, h)),
         Launch(f"attention_bwd_dq@sm_{arch}", _attn_bwd_dq,
-               dict(_bwd_args(P, q, k, v, do, lse, lse, dq, flags), O=o, DQ=q, QROT=do, stride_ob=o.stride(0),
+               dict(_bwd_args(P, q, k, v, do, lse, lse, dq, flags), O=o, DQ=q, QROT=do, KROT=k,
+                    stride_krb=k.stride(0), stride_krs=k.stride(1), stride_krh=k.stride(2), stride_ob=o.stride(0),
                     stride_os=o.stride(1), stride_oh=o.stride(2), stride_dqb=q.stride(0), stride_dqs=q.stride(1),
                     stride_dqh=q.stride(2), n_heads=h),
                dq.num_warps, dq.num_stages, _grid(P, dq.block_m, h)),
