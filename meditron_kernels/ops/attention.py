@@ -216,7 +216,7 @@ def _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, lo, hi, L, qk_scale,
                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
-                USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SCALE_NEG: tl.constexpr):
     # Key blocks [lo, hi) of the online softmax. Scores live in base 2 (qk_scale carries log2(e)).
     dtype = v_base.dtype.element_ty
     for n0 in range(lo, hi, BLOCK_N):
@@ -224,15 +224,22 @@ def _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, lo, hi, L, qk_scale,
         pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
         k1, k2 = _load_qk(k_base, k_desc, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
                           HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32)
-        s = _dot_nt(q1, q2, k1, k2, ROTARY, PRECISION) * qk_scale
+        qk = _dot_nt(q1, q2, k1, k2, ROTARY, PRECISION)
+        # Key 0 of the sequence is visited first and is visible to every row, so m_new is finite.
         if MASK:
             keep = rows_n[None, :] < L
             if CAUSAL:
                 keep = keep & (rows_n[None, :] <= rows_m[:, None])
-            s = tl.where(keep, s, float("-inf"))
-        # Key 0 of the sequence is visited first and is visible to every row, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+            s = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+        else:
+            # The row maximum is scaled after the reduction, and the scale folds into one FMA per score.
+            if SCALE_NEG:
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load(v_base, v_desc, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, USE_TMA, DOT_F32)
@@ -270,6 +277,7 @@ def _attn_fwd(
     USE_TMA: tl.constexpr,  # tiles through TMA descriptors (sm_90)
     DOT_F32: tl.constexpr,  # interpreter only: bf16 matmul operands upcast to fp32
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else unused
+    SCALE_NEG: tl.constexpr,  # softmax_scale < 0: the row maximum of the scaled scores is the scaled minimum
 ):
     head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
     start, L = _doc_bounds(CU, bid, seqlen, PACKED)
@@ -302,12 +310,12 @@ def _attn_fwd(
                                 k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                                 BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA,
-                                DOT_F32, PRECISION)
+                                DOT_F32, PRECISION, SCALE_NEG)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, full_end, hi, L, qk_scale,
                                 k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                                 BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
-                                DOT_F32, PRECISION)
+                                DOT_F32, PRECISION, SCALE_NEG)
     o = acc / l_i[:, None]
     o_base = O + b64 * stride_ob + start * stride_os + head.to(tl.int64) * stride_oh
     _store(o_base, rows_m, L, stride_os, o, HEAD_DIM, D_PAD)
@@ -867,7 +875,8 @@ def _fwd_args(P: _Problem, q, k, v, o, lse, cfg: Config, flags: dict) -> dict:
         Q=q, K=k, V=v, O=o, LSE=lse, **P.common(q), qk_scale=P.scale * LOG2E,
         stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
         stride_vb=bv[0], stride_vs=bv[1], stride_vh=bv[2], stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2],
-        **P.lse_strides(lse), n_heads=P.n_heads, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
+        **P.lse_strides(lse), n_heads=P.n_heads, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SCALE_NEG=P.scale < 0,
+        **flags)
 
 
 def _bwd_args(P: _Problem, q, k, v, do, lse, delta, cfg: Config, flags: dict) -> dict:
