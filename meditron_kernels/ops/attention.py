@@ -684,6 +684,10 @@ def default_config(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: in
     return candidates(kernel, cc, dtype, head_dim, rotary)[0]
 
 
+# Tests flip this to run the descriptor path under the interpreter (which checks TMA's alignment rules).
+_INTERPRET_TMA = False
+
+
 def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor) -> bool:
     """TMA descriptors on sm_90 when every (document, head) slab satisfies TMA's rules: 16-byte
     aligned base and row stride, unit stride along d; and d a power of two (with rotary, whose
@@ -702,10 +706,6 @@ def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor)
         if t.stride(-3) == 0:  # the row stride of a descriptor cannot be 0 (broadcast tokens)
             return False
     return True
-
-
-# Tests flip this to run the descriptor path under the interpreter (which checks TMA's alignment rules).
-_INTERPRET_TMA = False
 
 
 def _autotune_enabled(x: torch.Tensor) -> bool:
@@ -742,7 +742,6 @@ def _run_tuned(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, rota
             _CHOSEN[key] = c
             return
     run(cfg)
-
 
 
 def _ensure_allocator() -> None:
@@ -857,8 +856,8 @@ class _Problem:
             POS=pos if pos is not None else dummy, stride_rot=self.cos.stride(0) if rot else 0,
             stride_pb=pstrides[0], stride_ps=pstrides[1], seqlen=self.seqlen if not self.packed else 0,
             n_batch=self.n_batch, group=self.n_heads // self.n_kv, HEAD_DIM=self.head_dim,
-            D_PAD=_d_pad(self.head_dim), QK_PAD=_qk_pad(self.head_dim, rot), CAUSAL=self.causal, PACKED=self.packed, ROTARY=rot,
-            HAS_POS=pos is not None)
+            D_PAD=_d_pad(self.head_dim), QK_PAD=_qk_pad(self.head_dim, rot), CAUSAL=self.causal,
+            PACKED=self.packed, ROTARY=rot, HAS_POS=pos is not None)
 
     def lse_strides(self, lse: torch.Tensor) -> dict:
         if self.packed:  # (n_heads, total)
@@ -1079,8 +1078,7 @@ def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d
     lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
     cos = sin = torch.empty(s, d // 2, dtype=torch.float32, device="meta") if rotary else None
     P = _Problem(False, b, s, h, hkv, d, causal, 1.0 / math.sqrt(d), None, cos, sin, None)
-    flags = dict(USE_TMA=arch >= 90 and d == _d_pad(d) and (d >= 32 or not rotary) and dtype != torch.float32, DOT_F32=False,
-                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    flags = _flags(q, arch, use_tma(arch, d, rotary, q, k, v, do))
     fwd, dq, kv = (default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv"))
     return [
         Launch(f"attention_fwd@sm_{arch}", _attn_fwd, _fwd_args(P, q, k, v, o, lse, fwd, flags),
