@@ -33,17 +33,18 @@ import contextlib
 import dataclasses
 import math
 import os
-import weakref
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 from triton.runtime.errors import OutOfResources
 
 from .. import _validate as V
 from .._static import Launch
 from ..backend import register
+from ._common import cast_rtne
 
 LOG2E = 1.4426950408889634
 # the same constants, visible inside kernels
@@ -54,18 +55,6 @@ MAX_HEAD_DIM = 256
 
 
 # ---------------------------------------------------------------------------- kernel helpers
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr):
-    # fp32 x rounded to DTYPE. The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest
-    # even; there the rounding is done on the bits first, so that tests see the GPU's numerics.
-    if _INTERPRETED:
-        if DTYPE == tl.bfloat16:
-            b = x.to(tl.uint32, bitcast=True)
-            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-            x = b.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
-
-
 @triton.jit
 def _tile_ids(n_heads, n_batch, REVERSE: tl.constexpr):
     # One flat grid, head fastest: the query heads of a GQA group run side by side and share their
@@ -175,8 +164,8 @@ def _load_qk(base, desc, r0, rows, L, stride_s, pos, COS, SIN, stride_rot, HEAD_
         cos = tl.load(COS + t, mask=mask, other=0.0)
         sin = tl.load(SIN + t, mask=mask, other=0.0)
         dtype = base.dtype.element_ty
-        a = _cast(x1 * cos - x2 * sin, dtype)
-        b = _cast(x2 * cos + x1 * sin, dtype)
+        a = cast_rtne(x1 * cos - x2 * sin, dtype, _INTERPRETED)
+        b = cast_rtne(x2 * cos + x1 * sin, dtype, _INTERPRETED)
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -198,7 +187,7 @@ def _dot_nt(a1, a2, b1, b2, ROTARY: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _store(base, rows, L, stride_s, x, WIDTH: tl.constexpr, PAD: tl.constexpr):
     ptrs, mask = _tile_ptrs(base, rows, L, stride_s, WIDTH, PAD)
-    tl.store(ptrs, _cast(x.to(tl.float32), base.dtype.element_ty), mask=mask)
+    tl.store(ptrs, cast_rtne(x.to(tl.float32), base.dtype.element_ty, _INTERPRETED), mask=mask)
 
 
 @triton.jit
@@ -213,8 +202,8 @@ def _store_qk_grad(base, rows, L, stride_s, g1, g2, pos, COS, SIN, stride_rot, H
         cos = tl.load(COS + t, mask=mask, other=0.0)
         sin = tl.load(SIN + t, mask=mask, other=0.0)
         dtype = base.dtype.element_ty
-        tl.store(ptrs, _cast(g1 * cos + g2 * sin, dtype), mask=mask)
-        tl.store(ptrs + HALF, _cast(g2 * cos - g1 * sin, dtype), mask=mask)
+        tl.store(ptrs, cast_rtne(g1 * cos + g2 * sin, dtype, _INTERPRETED), mask=mask)
+        tl.store(ptrs + HALF, cast_rtne(g2 * cos - g1 * sin, dtype, _INTERPRETED), mask=mask)
     else:
         _store(base, rows, L, stride_s, g1, HEAD_DIM, QK_PAD)
 
@@ -223,7 +212,7 @@ def _store_qk_grad(base, rows, L, stride_s, g1, g2, pos, COS, SIN, stride_rot, H
 def _mm(x, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
     # A matmul operand made in registers (p, ds): rounded to the input dtype as the tensor cores see
     # it. DOT_F32 (only under the interpreter, whose bf16 arithmetic is broken) feeds it back as fp32.
-    y = _cast(x, DTYPE)
+    y = cast_rtne(x, DTYPE, _INTERPRETED)
     if DOT_F32:
         y = y.to(tl.float32)
     return y
@@ -777,53 +766,28 @@ def _bsh(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
     return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
 
 
-class _PerTensorCache:
-    """A value remembered per (tensor, version), so that a host sync on a tensor every layer passes
-    (cu_seqlens, position_ids) happens once per step. Keyed by id with a weak reference to tell a
-    recycled id apart; weakref.WeakKeyDictionary cannot hold tensors (it compares keys with ==)."""
-
-    def __init__(self):
-        self._d: dict[int, tuple] = {}
-
-    def get(self, t: torch.Tensor, key):
-        hit = self._d.get(id(t))
-        if hit is not None and hit[0]() is t and hit[1] == (t._version, key):
-            return hit[2]
-        return None
-
-    def put(self, t: torch.Tensor, key, value) -> None:
-        tid = id(t)
-        self._d[tid] = (weakref.ref(t, lambda _, tid=tid: self._d.pop(tid, None)), (t._version, key), value)
-
-
-_seen_cu = _PerTensorCache()
-_seen_pos = _PerTensorCache()
+# The longest document per cu_seqlens version: a trainer passes the same offsets to every layer,
+# so the host sync this costs happens once per step.
+_longest = WeakIdKeyDictionary()
 
 
 def _longest_document(cu: torch.Tensor) -> int:
-    longest = _seen_cu.get(cu, None)
-    if longest is None:
-        longest = int((cu[1:] - cu[:-1]).max().item())
-        _seen_cu.put(cu, None, longest)
-    return longest
+    hit = _longest.get(cu)
+    if hit is None or hit[0] != cu._version:
+        hit = (cu._version, int((cu[1:] - cu[:-1]).max().item()))
+        _longest[cu] = hit
+    return hit[1]
 
 
 def _check_positions(position_ids: torch.Tensor | None, n_table: int, longest: int) -> None:
     # A position outside the tables would read out of bounds in the kernel: refuse it before launch.
+    # This runs inside the op, so also under torch.compile, where the public API's check is skipped.
     if position_ids is None:
         if longest > n_table:
             raise ValueError(f"cos and sin cover {n_table} positions but a sequence has {longest} tokens; "
                              "pass position_ids or longer tables")
         return
-    if position_ids.numel() == 0:
-        return
-    if _seen_pos.get(position_ids, n_table):
-        return
-    lo, hi = torch.aminmax(position_ids)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= n_table:
-        raise ValueError(f"position_ids must lie in [0, {n_table}) (the rows of cos and sin), got [{lo}, {hi}]")
-    _seen_pos.put(position_ids, n_table, True)
+    V.position_range(position_ids, n_table)
 
 
 @dataclasses.dataclass
