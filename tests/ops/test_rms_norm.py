@@ -19,6 +19,8 @@ def _run_case(x, w, r, gy, gh, prepare=lambda t: t):
     """Forward and backward of the triton op, of torch in the same dtype and of the float64
     reference, on the same data; y and h both feed the loss, as in a pre-norm block where h is
     the next residual stream. -> {name: (triton, torch, reference)}."""
+    gy = gy.to(x.dtype)  # every way sees the same rounded gradients: only the op's own error counts
+    gh = gh.to(x.dtype) if gh is not None else None
     results = []
     for backend, cast in (("triton", None), ("torch", None), ("torch", torch.float64)):
         xs = x.detach().to(cast or x.dtype).requires_grad_()

@@ -24,6 +24,7 @@ def _inputs(batch, seq, hq, hk, d, dtype, with_pos, n_positions=None):
 
 
 def _forward_backward(q, k, cos, sin, pos, interleaved, backend, gq, gk, dtype=None):
+    gq, gk = gq.to(q.dtype), gk.to(k.dtype)  # the same rounded gradients for every way
     dtype = dtype or q.dtype
     q = q.detach().to(dtype).requires_grad_()
     k = k.detach().to(dtype).requires_grad_()

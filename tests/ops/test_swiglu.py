@@ -18,6 +18,7 @@ def _three_ways(fn, inputs, dout):
     """fn on the triton backend, on torch in the same dtype and in float64, with gradients.
     -> {name: (triton, torch, reference)}."""
     results = []
+    dout = dout.to(inputs[0].dtype)  # every way sees the same rounded gradient: only the op's own error counts
     for backend, cast in (("triton", None), ("torch", None), ("torch", torch.float64)):
         leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in inputs]
         out = fn(*leaves, backend=backend)
