@@ -5,22 +5,25 @@
     python -m benchmarks.inspect --modules swiglu --no-csrc
 
 Triton: every module of meditron_kernels.ops with ``static_launches()`` describes the launches it
-makes at realistic sizes, built by its own run-time config function; each is compiled with
-triton.compile for the target and read back (meditron_kernels._static). csrc: every .cu file is
-compiled with nvcc -cubin using setup.py's flags (meditron_kernels._csrc_static), and every
-kernel instantiation read with cuobjdump.
+makes at realistic sizes, built by its own run-time config function (``static_launches(cc)`` when
+the configuration depends on the part); each is compiled with triton.compile for its target and
+read back (meditron_kernels._static). csrc: every .cu file is compiled with nvcc -cubin using
+setup.py's flags (meditron_kernels._csrc_static), and every kernel instantiation read with cuobjdump.
 
 Per record: ``kernel``, ``arch``, ``registers`` (per thread), ``spill_bytes`` (stores + loads),
 ``shared_bytes``, ``mma`` (none, HMMA or HGMMA), ``vector_load_bits`` (widest global load: 128 means
 LDG.E.128), the register-limited warps per SM, and for Triton launches, whose block size is known,
-the blocks and warps per SM and what limits them. Exit status 1 on any spill, any stack or local
-memory in a csrc kernel, shared memory over the part's limit, or a kernel that fails to compile.
+the blocks and warps per SM and what limits them. "TMA" in the load column: the kernel loads
+through the tensor memory accelerator (UTMALDG) instead of LDG. Exit status 1 on any spill, any
+stack or local memory in a csrc kernel, shared memory over the part's limit, or a kernel that
+fails to compile.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import importlib
+import inspect as pyinspect
 import json
 import os
 import pkgutil
@@ -61,20 +64,53 @@ def triton_modules() -> list[str]:
     return out
 
 
+def _launches_by_arch(module, archs) -> dict[int, list]:
+    """A module's launches as configured for each architecture: ``static_launches(cc)`` when it
+    takes the architecture (its configs differ per part), else the same ``static_launches()`` for all."""
+    fn = module.static_launches
+    if "cc" in pyinspect.signature(fn).parameters:
+        return {cc: list(fn(cc)) for cc in archs}
+    launches = list(fn())
+    return {cc: launches for cc in archs}
+
+
 def triton_records(modules=None, archs=ARCHS) -> list[dict]:
+    """Compile every launch of every module for its architectures and read the cubins.
+
+    triton.compile cannot lower the interpreter's functions, so with TRITON_INTERPRET on (as in
+    the tests) the compilation runs in a child process without it."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return _triton_records_in_child(modules, archs)
     records = []
     for name in modules if modules is not None else triton_modules():
         try:
-            reports = _static.module_reports(f"meditron_kernels.ops.{name}", tuple(archs))
+            mod = importlib.import_module(f"meditron_kernels.ops.{name}")
+            recs = [_static.report(launch, cc) for cc, launches in _launches_by_arch(mod, archs).items()
+                    for launch in launches]
         except Exception as e:  # noqa: BLE001 (report the failure, carry on with the others)
             records.append(dict(kernel=f"{name} (all launches)", arch=",".join(f"sm_{a}" for a in archs),
                                 source=f"triton:{name}", error=f"{type(e).__name__}: {str(e).strip()[-1500:]}"))
             continue
-        for rec in reports.values():
+        for rec in recs:
             cc = int(rec["arch"].split("_")[1])
             rec.update(source=f"triton:{name}", max_warps_by_registers=max_warps_by_registers(rec["registers"], cc))
             records.append(rec)
     return records
+
+
+def _triton_records_in_child(modules, archs) -> list[dict]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "records.json")
+        cmd = [sys.executable, "-m", "benchmarks.inspect", "--no-csrc", "--json", path,
+               "--arch", ",".join(map(str, archs))] + (["--modules", ",".join(modules)] if modules else [])
+        out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
+        if not os.path.exists(path):
+            raise RuntimeError(f"static compilation failed (exit {out.returncode}):\n{out.stdout[-2000:]}{out.stderr[-4000:]}")
+        with open(path) as f:
+            return json.load(f)
 
 
 # ---------------------------------------------------------------------------- csrc
@@ -140,8 +176,9 @@ def format_table(records: list[dict]) -> str:
             continue
         warps = r.get("warps_per_sm", r.get("max_warps_by_registers"))
         limit = r.get("limited_by", "registers" if "warps_per_sm" not in r else "")
+        loads = "TMA" if r.get("tma") and not r["vector_load_bits"] else r["vector_load_bits"]
         lines.append(f"{r['source'][:21]:22}{r['kernel'][:57]:58}{r['arch']:7}{r['registers']:5}{r['spill_bytes']:6}"
-                     f"{r['shared_bytes'] / 1024:8.1f}{warps:9}{limit:>10}{r['mma']:>7}{r['vector_load_bits']:9}")
+                     f"{r['shared_bytes'] / 1024:8.1f}{warps:9}{limit:>10}{r['mma']:>7}{loads:>9}")
     return "\n".join(lines)
 
 

@@ -173,60 +173,70 @@ def _free(device):
 
 
 def run_config(name: str, cfg: LlamaConfig, args, device: torch.device, steps: int, warmup: int) -> dict:
-    """Warm up, then time ``steps`` training steps of one configuration."""
+    """Warm up, then time ``steps`` training steps of one configuration. Everything it allocated is
+    released before it returns (the next configuration gets the whole device)."""
     row = dict(config=name, preset=args.preset, layers=cfg.n_layers, batch=args.batch, seq=args.seq,
                precision=args.precision)
-    model = opt = None
     try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        model = build_model(cfg, device, args.precision, args.seed)
-        loss_fn, backends, step_ctx = make_loss(name, model, args.backend, device)
-        row["backends"] = backends
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1,
-                                fused=device.type == "cuda")
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        # Several pre-drawn batches: no RNG in the timed steps.
-        batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen, device=device)
-                   for _ in range(4)]
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "autocast" \
-            else contextlib.nullcontext
-
-        def step(i):
-            seq = batches[i % len(batches)]
-            with step_ctx(), autocast():
-                loss = loss_fn(seq[:, :-1], seq[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-
-        t0 = time.perf_counter()
-        for i in range(warmup):
-            step(i)
-        _sync(device)
-        row["warmup_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(steps):
-            last = step(i)
-        _sync(device)
-        dt = (time.perf_counter() - t0) / steps
-        row["loss"] = float(last)
-        row.update(_throughput(cfg, args, device, dt))
-        row["status"] = "ok" if math.isfinite(row["loss"]) else "error"
-        if row["status"] == "error":
-            row["reason"] = f"non-finite loss {row['loss']}"
+        row.update(_measure(name, cfg, args, device, steps, warmup, row))
     except Skip as e:
         row.update(status="skipped", reason=str(e))
     except Exception as e:  # noqa: BLE001 (one configuration failing must not end the run)
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         row.update(status="skipped" if oom else "error",
-                   reason=(f"out of memory at {cfg.n_layers} layers" if oom
-                           else f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]))
-    finally:
-        del model, opt
-        _free(device)
+                   reason=f"out of memory at {cfg.n_layers} layers" if oom else f"{type(e).__name__}: {msg}"[:300])
+    if name in ("compile", "ours-compile"):
+        from torch import _dynamo
+
+        _dynamo.reset()  # compiled graphs hold on to the parameters they were traced with
+    _free(device)
     return row
+
+
+def _measure(name: str, cfg: LlamaConfig, args, device: torch.device, steps: int, warmup: int, row: dict) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_model(cfg, device, args.precision, args.seed)
+    loss_fn, backends, step_ctx = make_loss(name, model, args.backend, device)
+    row["backends"] = backends
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    # Several pre-drawn batches: no RNG and no copies in the timed steps.
+    batches = []
+    for _ in range(4):
+        seq = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen, device=device)
+        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "autocast"
+                else contextlib.nullcontext)
+
+    def step(i):
+        tokens, targets = batches[i % len(batches)]
+        with step_ctx(), autocast():
+            loss = loss_fn(tokens, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    out = {}
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    out["warmup_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        last = step(i)
+    _sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    out["loss"] = float(last)
+    out.update(_throughput(cfg, args, device, dt))
+    out["status"] = "ok" if math.isfinite(out["loss"]) else "error"
+    if out["status"] == "error":
+        out["reason"] = f"non-finite loss {out['loss']}"
+    return out
 
 
 def _throughput(cfg: LlamaConfig, args, device: torch.device, step_s: float) -> dict:

@@ -127,3 +127,42 @@ def test_inspect_one_module(benchmark):
         for key in ("kernel", "arch", "registers", "spill_bytes", "shared_bytes", "mma", "vector_load_bits"):
             assert key in r, r
         assert not static_report.problems(r), r
+
+
+def test_cost_models_by_hand():
+    """The bytes and FLOPs models against numbers worked out by hand for the 7B shapes."""
+    from benchmarks import bench_attention, bench_cross_entropy, bench_rms_norm, bench_swiglu
+
+    T, H, e = 16384, 4096, 2
+    assert bench_rms_norm.bytes_moved("forward", T, H, e, False) == 2 * T * H * e + H * e
+    assert bench_rms_norm.bytes_moved("backward", T, H, e, True) == 4 * T * H * e + 2 * H * e
+    assert bench_swiglu.bytes_moved("both", T, 11008, e) == 8 * T * 11008 * e
+    assert bench_cross_entropy.ce_bytes("both", T, 32000, e) == 2 * T * 32000 * e + 8 * T
+    assert bench_cross_entropy.flce_cost(T, H, 32000, e).flops == 6 * T * H * 32000
+    fwd = bench_attention.flops("forward", 4, 4096, 32, 128, causal=True)
+    assert fwd == 4 * 4 * 4096 ** 2 * 32 * 128 / 2
+    assert bench_attention.flops("both", 4, 4096, 32, 128, causal=True) == 3.5 * fwd
+    for case in benchmarks.cases("full", torch.bfloat16):
+        for d in case.directions:
+            cost = case.cost(d)
+            assert (cost.bytes or 0) > 0 or (cost.flops or 0) > 0, (case.op, case.shape, d)
+
+
+def test_floor_and_rate():
+    from benchmarks.common import Cost, floor_ms, throughput
+
+    env = dict(copy_gbps=3000.0, gemm_tflops=800.0)
+    ms, bound = floor_ms(Cost(bytes=3e9), env)
+    assert bound == "memory" and ms == pytest.approx(1.0)
+    ms, bound = floor_ms(Cost(bytes=3e9, flops=1.6e12), env)  # 1 ms of bytes, 2 ms of FLOPs
+    assert bound == "compute" and ms == pytest.approx(2.0)
+    assert throughput(Cost(bytes=3e9, flops=1.6e12), 4.0, bound) == (pytest.approx(400.0), "TFLOP/s")
+    assert floor_ms(Cost(bytes=1.0), dict(copy_gbps=None, gemm_tflops=None)) == (None, None)
+
+
+def test_plot(tmp_path):
+    rows = [dict(op="swiglu", shape="7b 16384x11008", dtype="bf16", direction=d, provider=p, status="ok",
+                 pct_floor=v, device="test") for d in ("forward", "both") for p, v in (("triton", 90.0), ("torch", 30.0))]
+    paths = cli.plot(rows, str(tmp_path), "test")
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["test-swiglu.png"]
+    assert (tmp_path / "test-swiglu.png").stat().st_size > 1000
