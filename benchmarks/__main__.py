@@ -21,7 +21,8 @@ import torch
 
 from . import ALIASES, OPS, SIZES, canonical_op
 from . import cases as all_cases
-from .common import DIRECTIONS, DTYPES, default_json_path, environment, run_case, skipped_row, write_json
+from .common import (DIRECTIONS, DTYPES, default_json_path, environment, resolve_device, run_case, skipped_row,
+                     write_json)
 from .providers import ALL as PROVIDERS
 
 OURS = ("triton", "cuda")
@@ -161,7 +162,7 @@ def plot(rows: list[dict], out_dir: str, stem: str) -> list[str]:
 def run(args, progress=None) -> tuple[dict, list[dict]]:
     """All selected cases; ``progress(env, rows)`` after each (the JSON is rewritten then, so a run
     stopped by a timeout keeps what it measured)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.set_device(device)

@@ -137,6 +137,14 @@ def differentiable(outs: Sequence) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- device facts
+def resolve_device(name: str | None) -> torch.device:
+    """``name``, or the GPU when there is one; a CUDA device always with its index."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def device_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
@@ -184,6 +192,7 @@ def environment(device: torch.device, measure: bool = True) -> dict[str, Any]:
         if measure:
             env["copy_gbps"] = measure_copy_bandwidth(device)
             env["gemm_tflops"] = measure_gemm_tflops(device)
+            env["ceilings_note"] = "measured by this run: 1 GiB device copy (read + write), bf16 8192^3 torch.mm"
             for key, ref in REFERENCE_CEILINGS.items():
                 if key in props.name:
                     env["reference_ceilings"] = ref
@@ -198,7 +207,7 @@ def measure_copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> floa
     """GB/s of a device-to-device copy of ``n_bytes`` (counted twice: one read, one write)."""
     src = torch.randn(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, rep_ms=200)
+    ms = time_ms(lambda: dst.copy_(src), device, rep_ms=200, warmup_ms=200)  # long warm-up: clocks ramp up
     del src, dst
     return 2 * n_bytes / (ms * 1e-3) / 1e9
 
@@ -208,7 +217,7 @@ def measure_gemm_tflops(device: torch.device, n: int = 8192) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    ms = time_ms(lambda: torch.mm(a, b, out=c), device, rep_ms=300)
+    ms = time_ms(lambda: torch.mm(a, b, out=c), device, rep_ms=300, warmup_ms=300)
     del a, b, c
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 

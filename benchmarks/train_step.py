@@ -256,7 +256,7 @@ def _throughput(cfg: LlamaConfig, args, device: torch.device, step_s: float) -> 
 
 # ---------------------------------------------------------------------------- how many layers fit
 def fit_layers(base: LlamaConfig, args, device: torch.device, configs) -> tuple[int, str]:
-    """The most layers (up to the preset's) whose training step fits in 90% of free memory.
+    """The most layers (up to the preset's) whose training step fits in 85% of free memory.
 
     Measured, not modelled: one step of each eager configuration at 1 and 2 layers gives the
     fixed cost (embedding, head, logits) and the cost per layer (weights, gradients, AdamW
@@ -277,7 +277,7 @@ def fit_layers(base: LlamaConfig, args, device: torch.device, configs) -> tuple[
             fixed = max(fixed, 2 * peaks[0] - peaks[1])
     if per_layer <= 0:
         return min(base.n_layers, 2), "probe failed; 2 layers"
-    n = int((0.9 * free - fixed) // per_layer)
+    n = int((0.85 * free - fixed) // per_layer)
     n = max(1, min(base.n_layers, n))
     return n, f"{per_layer / 1e9:.2f} GB per layer, {fixed / 1e9:.2f} GB fixed, {free / 1e9:.0f} GB free"
 
@@ -312,7 +312,9 @@ def parse_args(argv=None):
     p.add_argument("--json", nargs="?", const="auto", metavar="PATH",
                    help="write results (default benchmarks/results/<device>-<date>-train-step.json)")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .common import resolve_device
+
+    args.device = resolve_device(args.device)
     gpu = args.device.type == "cuda"
     args.preset = args.preset or ("llama2-7b" if gpu else "tiny")
     args.seq = args.seq or (4096 if gpu else 128)

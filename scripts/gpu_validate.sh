@@ -97,6 +97,9 @@ wait "$INSPECT_PID" "$TESTS_PID"
 
 # ------------------------------------------------------------------ phase 2
 # shellcheck disable=SC2086
+# The test files that use a GPU when there is one, now with the GPU visible (Triton still in the
+# interpreter there, as conftest.py sets it; the kernel benchmarks below check every Triton and CUDA
+# kernel natively against the reference before timing it).
 GPU_TESTS=$(grep -rlE "cuda\.is_available\(\)|_cuda_ext\.available\(\)|HAS_CUDA|mark\.gpu" ${TEST_PATHS:-tests} \
     --include="test_*.py" | sort | tr '\n' ' ')
 if [ -n "$GPU_TESTS" ]; then

@@ -31,7 +31,7 @@ def test_every_op_has_a_smoke_case():
     assert {c.op for c in SMOKE} == set(benchmarks.OPS)
 
 
-@pytest.mark.parametrize("case", SMOKE, ids=lambda c: f"{c.op}-{c.shape.replace(' ', '_')}")
+@pytest.mark.parametrize("case", SMOKE, ids=lambda c: f"{c.op}-{c.shape.replace(' ', '_').replace('/', '-')}")
 def test_case_runs(case, env, benchmark):
     providers = [p.name for p in case.providers if p.name != "torch.compile"]  # compiling costs seconds each
     rows = benchmark.pedantic(run_case, args=(case, env, CPU, providers), kwargs=dict(timed=False),
