@@ -65,6 +65,6 @@ def cases(size: str, dtype):
             reference=_reference,
             providers=[P.ours(OP, "triton", _call), P.ours(OP, "cuda", _call), P.eager(_call),
                        P.compiled(reference.apply_rotary, lambda f, i: f(i["q"], i["k"], i["cos"], i["sin"])),
-                       P.liger(_liger, note="full-width bf16 tables (transformers' layout)")],
+                       P.liger(_liger, note="full-width tables in the activations' dtype (transformers' layout)")],
             check_bytes=8 * b * s * (h + hkv) * d * 4))
     return out
