@@ -74,11 +74,12 @@ def _check_rotary_tables(cos, sin, head_dim: int, ref: torch.Tensor, n_positions
                          "pass position_ids or longer tables")
 
 
-def _check_position_ids(position_ids, shape: tuple[int, ...], ref: torch.Tensor):
+def _check_position_ids(position_ids, shape: tuple[int, ...], ref: torch.Tensor, n_positions: int):
     V.integer(position_ids, "position_ids")
     if tuple(position_ids.shape) != shape:
         raise ValueError(f"position_ids must have shape {shape}, got {tuple(position_ids.shape)}")
     V.same_device(position_ids, "position_ids", ref, "q")
+    V.position_range(position_ids, n_positions)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -103,7 +104,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     V.same_device(k, "k", q, "q")
     _check_rotary_tables(cos, sin, q.shape[3], q, q.shape[1] if position_ids is None else None)
     if position_ids is not None:
-        _check_position_ids(position_ids, tuple(q.shape[:2]), q)
+        _check_position_ids(position_ids, tuple(q.shape[:2]), q, cos.shape[0])
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
     return dispatch("apply_rotary", backend, q.device)(q, k, cos, sin, position_ids, interleaved)
@@ -180,7 +181,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         n_pos = None if position_ids is not None else (max_seqlen if packed else q.shape[1])
         _check_rotary_tables(rotary[0], rotary[1], q.shape[-1], q, n_pos)
         if position_ids is not None:
-            _check_position_ids(position_ids, tuple(q.shape[:lead]), q)
+            _check_position_ids(position_ids, tuple(q.shape[:lead]), q, rotary[0].shape[0])
     elif position_ids is not None:
         raise ValueError("position_ids is only used with rotary=(cos, sin)")
     return dispatch("flash_attention", backend, q.device)(

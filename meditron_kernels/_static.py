@@ -166,7 +166,8 @@ def report(launch: Launch, cc: int) -> dict[str, Any]:
 
 
 def module_reports(module: str, ccs=(80, 90)) -> dict[str, dict[str, Any]]:
-    """``report`` of every launch in ``module.static_launches()``, keyed ``"<launch name>@<cc>"``.
+    """``report`` of every launch in ``module.static_launches()`` (or ``static_launches(cc)``), keyed
+    ``"<launch name>@<cc>"``.
 
     With the Triton interpreter on, ``triton.jit`` yields interpreted functions (``tl.sum`` and
     friends included) that ``triton.compile`` cannot lower, so the compilation then runs in a
@@ -175,8 +176,13 @@ def module_reports(module: str, ccs=(80, 90)) -> dict[str, dict[str, Any]]:
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         import importlib
 
+        import inspect
+
         mod = importlib.import_module(module)
-        return {f"{launch.name}@{cc}": report(launch, cc) for launch in mod.static_launches() for cc in ccs}
+        # static_launches() may take the architecture when its run-time configs differ per arch
+        per_arch = len(inspect.signature(mod.static_launches).parameters) > 0
+        return {f"{launch.name}@{cc}": report(launch, cc)
+                for cc in ccs for launch in (mod.static_launches(cc) if per_arch else mod.static_launches())}
     import json
     import sys
 

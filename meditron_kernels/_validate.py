@@ -96,3 +96,21 @@ def cu_seqlens(cu, total: int, max_seqlen, ref: torch.Tensor) -> None:
     if max_seqlen is not None and max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document ({max(lengths)} tokens)")
     _checked_cu[cu] = key
+
+
+_checked_positions = WeakIdKeyDictionary()
+
+
+def position_range(position_ids: torch.Tensor, n_positions: int) -> None:
+    """position_ids must index rows of the rotary tables. Checked once per tensor version (a
+    model passes the same position_ids to every layer) and skipped while tracing."""
+    if torch.compiler.is_compiling() or position_ids.device.type == "meta" or position_ids.numel() == 0:
+        return
+    key = (position_ids._version, n_positions)
+    if _checked_positions.get(position_ids) == key:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(position_ids))
+    if lo < 0 or hi >= n_positions:
+        raise ValueError(f"position_ids must lie in [0, {n_positions}) (the rows of cos and sin), "
+                         f"got values in [{lo}, {hi}]")
+    _checked_positions[position_ids] = key

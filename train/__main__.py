@@ -2,6 +2,7 @@
 import sys
 
 from .config import ConfigError, help_text, parse_args
+from .data import ShardError
 from .trainer import TrainingStopped, run
 
 
@@ -15,6 +16,9 @@ def main(argv=None) -> int:
         run(cfg, resume=flags["resume"])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except ShardError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)

@@ -20,7 +20,6 @@ import os
 import zlib
 
 import numpy as np
-import torch
 
 SHARD_FORMAT = "meditron-kernels-shard-v1"
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -39,8 +38,7 @@ class Corpus:
             t = [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]
             ids.extend(t)
             offsets.append(offsets[-1] + len(t))
-        dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-        return cls(name, np.asarray(ids, dtype=dtype), np.asarray(offsets, dtype=np.int64))
+        return cls(name, np.asarray(ids, dtype=token_dtype(tokenizer.vocab_size)), np.asarray(offsets, dtype=np.int64))
 
     def split(self, val_fraction: float) -> tuple[int, int]:
         """Token index where validation starts (a document boundary), and the end."""
@@ -52,9 +50,17 @@ class Corpus:
 
 
 # ------------------------------------------------------------------------ shards on disk
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id of a vocabulary."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
 def write_shard(path: str, corpus: Corpus, tokenizer_fingerprint: str) -> None:
     """tokens.bin + docs.npy + meta.json (written last: its presence marks a complete shard)."""
     os.makedirs(path, exist_ok=True)
+    meta_path = os.path.join(path, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # never leave an old meta.json vouching for half-replaced files
     tok_path = os.path.join(path, "tokens.bin")
     with open(tok_path + ".tmp", "wb") as f:
         f.write(corpus.tokens.tobytes())
@@ -62,12 +68,21 @@ def write_shard(path: str, corpus: Corpus, tokenizer_fingerprint: str) -> None:
     with open(os.path.join(path, "docs.npy.tmp"), "wb") as f:
         np.save(f, corpus.doc_offsets.astype(np.int64))
     os.replace(os.path.join(path, "docs.npy.tmp"), os.path.join(path, "docs.npy"))
-    meta = dict(format=SHARD_FORMAT, name=corpus.name, dtype=np.dtype(corpus.tokens.dtype).name,
-                n_tokens=int(len(corpus.tokens)), n_docs=int(len(corpus.doc_offsets) - 1),
-                tokenizer=tokenizer_fingerprint, crc32=file_crc32(tok_path))
-    with open(os.path.join(path, "meta.json.tmp"), "w") as f:
+    write_meta(path, corpus.name, corpus.tokens.dtype, len(corpus.tokens), len(corpus.doc_offsets) - 1,
+               tokenizer_fingerprint, file_crc32(tok_path))
+
+
+def write_meta(path: str, name: str, dtype, n_tokens: int, n_docs: int, tokenizer_fingerprint: str, crc32: int,
+               **extra) -> None:
+    """meta.json, atomically; the last file of a shard to appear."""
+    meta = dict(format=SHARD_FORMAT, name=name, dtype=np.dtype(dtype).name, n_tokens=int(n_tokens),
+                n_docs=int(n_docs), tokenizer=tokenizer_fingerprint, crc32=int(crc32), **extra)
+    tmp = os.path.join(path, "meta.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, "meta.json"))
 
 
 def file_crc32(path: str) -> int:
@@ -82,8 +97,17 @@ class ShardError(ValueError):
     pass
 
 
+_META_KEYS = {"format": str, "dtype": str, "n_tokens": int, "n_docs": int, "tokenizer": str, "crc32": int}
+
+
 def load_shard(path: str, tokenizer_fingerprint: str | None = None, verify: str = "full") -> Corpus:
-    """Memory-map a prepared shard, checking it against its index; errors name the file."""
+    """Memory-map a prepared shard, checking it against its index; errors name the file.
+
+    verify: "full" also checks the crc32 of tokens.bin (reads it once); "size" checks only the
+    sizes and the document index.
+    """
+    if verify not in ("full", "size"):
+        raise ValueError(f"verify must be 'full' or 'size', got {verify!r}")
     meta_path = os.path.join(path, "meta.json")
     tok_path = os.path.join(path, "tokens.bin")
     docs_path = os.path.join(path, "docs.npy")
@@ -92,12 +116,21 @@ def load_shard(path: str, tokenizer_fingerprint: str | None = None, verify: str 
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ShardError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != SHARD_FORMAT:
         raise ShardError(f"{meta_path}: format {meta.get('format')!r}, expected {SHARD_FORMAT!r}")
-    if tokenizer_fingerprint is not None and meta.get("tokenizer") != tokenizer_fingerprint:
-        raise ShardError(f"{meta_path}: made with tokenizer {meta.get('tokenizer')!r}, but data.tokenizer is "
+    for key, typ in _META_KEYS.items():
+        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
+            raise ShardError(f"{meta_path}: {key!r} missing or not a {typ.__name__} ({meta.get(key)!r})")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise ShardError(f"{meta_path}: dtype {meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    if meta["n_tokens"] < 1 or meta["n_docs"] < 1:
+        raise ShardError(f"{meta_path}: an empty shard ({meta['n_docs']} documents, {meta['n_tokens']} tokens)")
+    if tokenizer_fingerprint is not None and meta["tokenizer"] != tokenizer_fingerprint:
+        raise ShardError(f"{meta_path}: made with tokenizer {meta['tokenizer']!r}, but data.tokenizer is "
                          f"{tokenizer_fingerprint!r}")
     dtype = np.dtype(meta["dtype"])
     for p in (tok_path, docs_path):
@@ -108,17 +141,19 @@ def load_shard(path: str, tokenizer_fingerprint: str | None = None, verify: str 
         raise ShardError(f"{tok_path}: {size} bytes, but meta.json says {meta['n_tokens']} {dtype.name} tokens "
                          f"({meta['n_tokens'] * dtype.itemsize} bytes): truncated or corrupt")
     try:
-        offsets = np.load(docs_path)
-    except (ValueError, OSError) as e:
+        offsets = np.load(docs_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
         raise ShardError(f"{docs_path}: unreadable document index ({e})") from None
-    if (offsets.ndim != 1 or len(offsets) != meta["n_docs"] + 1 or offsets[0] != 0
-            or offsets[-1] != meta["n_tokens"] or np.any(np.diff(offsets) <= 0)):
+    if (not isinstance(offsets, np.ndarray) or offsets.dtype.kind not in "iu" or offsets.ndim != 1
+            or len(offsets) != meta["n_docs"] + 1 or offsets[0] != 0 or offsets[-1] != meta["n_tokens"]
+            or np.any(np.diff(offsets) <= 0)):
         raise ShardError(f"{docs_path}: the document index does not match {tok_path} "
-                         f"(expected {meta['n_docs'] + 1} increasing offsets from 0 to {meta['n_tokens']})")
+                         f"(expected {meta['n_docs'] + 1} increasing integer offsets from 0 to {meta['n_tokens']})")
     if verify == "full" and file_crc32(tok_path) != meta["crc32"]:
         raise ShardError(f"{tok_path}: checksum mismatch with meta.json: the shard is corrupt")
     tokens = np.memmap(tok_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
-    return Corpus(meta.get("name", os.path.basename(path.rstrip("/"))), tokens, offsets.astype(np.int64))
+    name = meta.get("name") if isinstance(meta.get("name"), str) else os.path.basename(path.rstrip("/"))
+    return Corpus(name, tokens, offsets.astype(np.int64, copy=False))
 
 
 # ------------------------------------------------------------------------ blending
@@ -129,7 +164,12 @@ class Blend:
                  val_fraction: float, split: str = "train"):
         if not corpora:
             raise ValueError("no corpora to train on")
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(corpora),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"weights must be {len(corpora)} finite non-negative numbers with a positive sum "
+                             f"(one per corpus), got {list(weights)}")
         self.weights = w / w.sum()
         self.corpora = corpora
         self.seq_len = seq_len
@@ -139,13 +179,15 @@ class Blend:
         for c in corpora:
             val_start, end = c.split(val_fraction)
             lo, hi = (0, val_start) if split == "train" else (val_start, end)
-            n_windows = (hi - lo - 1) // seq_len
-            if n_windows < 1:
+            n_windows = max((hi - lo - 1) // seq_len, 0)
+            if n_windows < 1 and self.weights[len(self.ranges)] > 0:  # a zero-weight corpus is never read
                 raise ValueError(f"corpus {c.name!r} has {hi - lo} {split} tokens, fewer than one sequence of "
                                  f"training.seq_len + 1 = {seq_len + 1}")
             self.ranges.append((lo, n_windows))
+        # Corpus c owns [cum[c-1], cum[c]) of the unit interval; a zero weight gives an empty interval.
+        # Rounding must not hand the top of the interval to a trailing zero-weight corpus.
         self._cum = np.cumsum(self.weights)
-        self._cum[-1] = 1.0
+        self._cum[np.flatnonzero(self.weights > 0)[-1]:] = 1.0
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
         self._offset = (seed * _GOLDEN + 0.5) % 1.0
         self._count_cache = (0, np.zeros(len(corpora), dtype=np.int64))
@@ -202,6 +244,8 @@ def make_batch(blend: Blend, start: int, count: int, pack: bool, ignore_index: i
     tokens, targets (count, seq_len) int64; with pack: cu_seqlens (n_segments + 1,) int32 over the
     flattened batch, max_seqlen, and targets masked where the next token starts a new document.
     """
+    import torch  # here, so that data preparation (worker processes) does not pay for importing torch
+
     L = blend.seq_len
     rows_in, rows_tgt, bounds = [], [], [0]
     max_len = 0

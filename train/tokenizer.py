@@ -1,8 +1,9 @@
 """Tokenizers: a byte-level default, or a local sentencepiece .model / HF tokenizer.json file.
 
 Nothing is downloaded. Every tokenizer gives ``encode(text) -> list[int]`` without special
-tokens, plus ``bos_id``, ``eos_id``, ``vocab_size`` and a ``fingerprint`` that prepared shards
-record, so shards made with one tokenizer are never read with another.
+tokens, ``encode_batch(texts)`` (the same, for many texts at once), ``decode(ids)``, plus
+``bos_id``, ``eos_id``, ``vocab_size`` and a ``fingerprint`` (a digest of the tokenizer file)
+that prepared shards record, so shards made with one tokenizer are never read with another.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
     def decode(self, ids) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -37,7 +41,10 @@ class SentencePieceTokenizer:
     def __init__(self, path: str):
         import sentencepiece as spm
 
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"data.tokenizer {path!r}: not a sentencepiece model ({e})") from None
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
@@ -48,6 +55,9 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
 
@@ -56,15 +66,19 @@ class HFTokenizer:
     def __init__(self, path: str):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # the Rust side raises a bare Exception on a malformed file
+            raise ValueError(f"data.tokenizer {path!r}: not an HF tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        ids = {t: self._tok.token_to_id(t) for t in ("<s>", "</s>", "<|begin_of_text|>", "<|end_of_text|>",
-                                                      "<|endoftext|>", "[BOS]", "[EOS]")}
-        self.bos_id = next((ids[t] for t in ("<s>", "<|begin_of_text|>", "[BOS]") if ids[t] is not None), None)
-        self.eos_id = next((ids[t] for t in ("</s>", "<|end_of_text|>", "<|endoftext|>", "[EOS]") if ids[t] is not None),
-                           None)
+        def first(names):
+            return next((i for i in map(self._tok.token_to_id, names) if i is not None), None)
+
+        self.bos_id = first(("<s>", "<|begin_of_text|>", "[BOS]"))
+        self.eos_id = first(("</s>", "<|end_of_text|>", "<|endoftext|>", "[EOS]"))
         if self.eos_id is None:
-            raise ValueError(f"data.tokenizer {path!r}: no end-of-text token (</s>, <|endoftext|>, ...) in the vocabulary")
+            raise ValueError(f"data.tokenizer {path!r}: no end-of-text token (</s>, <|endoftext|>, ...) "
+                             f"in the vocabulary")
         if self.bos_id is None:
             self.bos_id = self.eos_id
         self.fingerprint = f"hf-{_file_digest(path)}"
@@ -72,14 +86,26 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids))
 
 
 def load_tokenizer(spec: str):
-    """'byte', or a path to a sentencepiece ``.model`` or an HF ``tokenizer.json``."""
+    """'byte', or a path to a sentencepiece ``.model`` or an HF ``tokenizer.json``.
+
+    A directory (an HF model directory) means its tokenizer.model if it has one (Llama-2's
+    own tokenizer), else its tokenizer.json.
+    """
     if spec == "byte":
         return ByteTokenizer()
+    if os.path.isdir(spec):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if os.path.isfile(os.path.join(spec, name)):
+                return load_tokenizer(os.path.join(spec, name))
+        raise ValueError(f"data.tokenizer {spec!r}: a directory without tokenizer.model or tokenizer.json")
     if not os.path.isfile(spec):
         raise ValueError(f"data.tokenizer must be 'byte' or an existing tokenizer file, got {spec!r}")
     if spec.endswith(".json"):

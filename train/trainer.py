@@ -202,7 +202,8 @@ def run(cfg: Config, resume: bool = False, hooks: Hooks | None = None, progress:
 
     def save(step: int):
         ckpt.save(ckpt_dir, step, model, optimizer, scheduler,
-                  dict(data_position=step * t.global_batch, skipped_steps=skipped_total, config=cfg.to_dict()),
+                  dict(data_position=step * t.global_batch, skipped_steps=skipped_total, config=cfg.to_dict(),
+                       model_config=dataclasses.asdict(model.cfg)),
                   cfg.checkpoint.keep_last)
 
     rows = []

@@ -34,6 +34,7 @@ import triton.language as tl
 from .. import _validate as V
 from .._static import Launch
 from ..backend import register
+from ._common import cast_rtne, soft_bf16
 
 # The supported hidden sizes: tested up to here. Nothing in the streaming paths breaks above it,
 # but nothing above it is validated, so it is refused rather than silently trusted.
@@ -41,17 +42,6 @@ MAX_HIDDEN = 65536
 
 
 # ---------------------------------------------------------------------------- kernels
-@triton.jit
-def _round(x, dtype: tl.constexpr, BY_HAND: tl.constexpr):
-    """float32 x -> dtype, to nearest even. On a GPU that is the plain cast; the Triton
-    interpreter's float32 -> bfloat16 cast truncates instead (up to one ulp off, twice torch's
-    error), so there (BY_HAND) x is first rounded onto the bfloat16 grid on its bits."""
-    if BY_HAND:
-        bits = x.to(tl.uint32, bitcast=True)
-        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
 @triton.jit
 def _rms_norm_fwd_kernel(
     X,  # (rows, N) input; unit column stride
@@ -68,7 +58,7 @@ def _rms_norm_fwd_kernel(
     BLOCK_N: tl.constexpr,  # columns per tile
     WHOLE_ROW: tl.constexpr,  # BLOCK_N >= N: the row is held in registers, read once
     HAS_RESIDUAL: tl.constexpr,  # fused pre-norm add
-    ROUND_BY_HAND: tl.constexpr,  # bfloat16 output under the interpreter: see _round
+    SOFT_BF16: tl.constexpr,  # bfloat16 output under the interpreter: see _common.cast_rtne
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -86,13 +76,13 @@ def _rms_norm_fwd_kernel(
         h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h_out = _round(h + r, H.dtype.element_ty, ROUND_BY_HAND)
+            h_out = cast_rtne(h + r, H.dtype.element_ty, SOFT_BF16)
             tl.store(h_rows + cols[None, :], h_out, mask=mask)
             h = h_out.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / N + eps)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         y = h * rstd[:, None] * w[None, :]
-        tl.store(y_rows + cols[None, :], _round(y, Y.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+        tl.store(y_rows + cols[None, :], cast_rtne(y, Y.dtype.element_ty, SOFT_BF16), mask=mask)
     else:
         # Rows longer than a register tile: accumulate sum(h^2) chunk by chunk, then stream the
         # row again (h from H, which this same thread just wrote, or x), mostly out of L2.
@@ -103,7 +93,7 @@ def _rms_norm_fwd_kernel(
             h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                h_out = _round(h + r, H.dtype.element_ty, ROUND_BY_HAND)
+                h_out = cast_rtne(h + r, H.dtype.element_ty, SOFT_BF16)
                 tl.store(h_rows + cols[None, :], h_out, mask=mask)
                 h = h_out.to(tl.float32)
             acc += h * h
@@ -117,7 +107,7 @@ def _rms_norm_fwd_kernel(
                 h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
             y = h * rstd[:, None] * w[None, :]
-            tl.store(y_rows + cols[None, :], _round(y, Y.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+            tl.store(y_rows + cols[None, :], cast_rtne(y, Y.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 @triton.jit
@@ -172,7 +162,7 @@ def _rms_norm_bwd_kernel(
     HAS_DH: tl.constexpr,  # fused case: add the gradient that reached h directly
     COMPUTE_DW: tl.constexpr,  # whether weight needs a gradient
     NUM_STAGES: tl.constexpr,  # row tiles in flight in the software pipeline
-    ROUND_BY_HAND: tl.constexpr,  # bfloat16 output under the interpreter: see _round
+    SOFT_BF16: tl.constexpr,  # bfloat16 output under the interpreter: see _common.cast_rtne
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -207,7 +197,7 @@ def _rms_norm_bwd_kernel(
         dx = (wdy - xhat * c[:, None]) * rstd[:, None]
         if HAS_DH:
             dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows[:, None] * N + cols[None, :], _round(dx, DX.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+        tl.store(DX + rows[:, None] * N + cols[None, :], cast_rtne(dx, DX.dtype.element_ty, SOFT_BF16), mask=mask)
         if COMPUTE_DW:
             dw += dy * xhat
     if COMPUTE_DW:
@@ -269,12 +259,6 @@ def rms_norm_config(n_cols: int, elem_bytes: int, kind: str, has_dh: bool = Fals
 
 
 # ---------------------------------------------------------------------------- launchers
-def _round_by_hand(t: torch.Tensor) -> bool:
-    """Whether a kernel storing t's dtype must round by hand: bfloat16 on the CPU, which only
-    the interpreter runs."""
-    return t.device.type == "cpu" and t.dtype == torch.bfloat16
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (rows, N) with unit column stride: a view when the strides allow it, else
     one deliberate copy (a column stride other than 1 would also defeat vector loads)."""
@@ -303,7 +287,7 @@ def _fwd_launch(x2, r2, w, y, h, eps: float) -> Launch:
     args = dict(X=x2, R=r2 if has_res else x2, W=w, Y=y, H=h if has_res else y,
                 stride_x=x2.stride(0), stride_r=(r2 if has_res else x2).stride(0), n_rows=n_rows, N=n,
                 eps=eps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WHOLE_ROW=cfg.block_n >= n,
-                HAS_RESIDUAL=has_res, ROUND_BY_HAND=_round_by_hand(x2))
+                HAS_RESIDUAL=has_res, SOFT_BF16=soft_bf16(x2))
     name = "rms_norm_fwd" + ("_residual" if has_res else "")
     return Launch(name, _rms_norm_fwd_kernel, args, cfg.num_warps, cfg.num_stages,
                   grid=(triton.cdiv(n_rows, cfg.block_m),))
@@ -336,7 +320,7 @@ def _bwd_launches(dy2, x2, dh2, w, dx, eps: float, compute_dw: bool, n_sms: int)
                 stride_dh=(dh2 if has_dh else dy2).stride(0), n_rows=n_rows, N=n, eps=eps,
                 rows_per_program=rows_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 WHOLE_ROW=cfg.block_n >= n, HAS_DH=has_dh, COMPUTE_DW=compute_dw, NUM_STAGES=cfg.num_stages,
-                ROUND_BY_HAND=_round_by_hand(x2))
+                SOFT_BF16=soft_bf16(x2))
     name = "rms_norm_bwd" + ("_residual" if has_dh else "")
     main = Launch(name, _rms_norm_bwd_kernel, args, cfg.num_warps, cfg.num_stages, grid=(programs_m, n_col_tiles))
     return stats_launch, main, (partial if compute_dw else None)

@@ -28,20 +28,10 @@ import triton.language as tl
 from .. import _validate as V
 from .._static import Launch
 from ..backend import register
+from ._common import cast_rtne, soft_bf16
 
 
 # ---------------------------------------------------------------------------- kernels
-@triton.jit
-def _round(x, dtype: tl.constexpr, BY_HAND: tl.constexpr):
-    """float32 x -> dtype, to nearest even. On a GPU that is the plain cast; the Triton
-    interpreter's float32 -> bfloat16 cast truncates instead (up to one ulp off, twice torch's
-    error), so there (BY_HAND) x is first rounded onto the bfloat16 grid on its bits."""
-    if BY_HAND:
-        bits = x.to(tl.uint32, bitcast=True)
-        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
 @triton.jit
 def _swiglu_fwd_kernel(
     G,  # (rows, N) gate; unit column stride
@@ -53,7 +43,7 @@ def _swiglu_fwd_kernel(
     N,  # columns (ffn)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile
-    ROUND_BY_HAND: tl.constexpr,  # bfloat16 output under the interpreter: see _round
+    SOFT_BF16: tl.constexpr,  # bfloat16 output under the interpreter: see _common.cast_rtne
 ):
     # Column tiles vary fastest across program ids, so neighbouring programs stream
     # neighbouring memory.
@@ -68,7 +58,7 @@ def _swiglu_fwd_kernel(
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     out = g / (1.0 + tl.exp(-g)) * u
-    tl.store(O + rows[:, None] * N + cols[None, :], _round(out, O.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+    tl.store(O + rows[:, None] * N + cols[None, :], cast_rtne(out, O.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 @triton.jit
@@ -87,7 +77,7 @@ def _swiglu_bwd_kernel(
     N,  # columns (ffn)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile
-    ROUND_BY_HAND: tl.constexpr,  # bfloat16 output under the interpreter: see _round
+    SOFT_BF16: tl.constexpr,  # bfloat16 output under the interpreter: see _common.cast_rtne
 ):
     pid = tl.program_id(0)
     n_col_tiles = tl.cdiv(N, BLOCK_N)
@@ -102,8 +92,8 @@ def _swiglu_bwd_kernel(
     sig = 1.0 / (1.0 + tl.exp(-g))
     du = do * (g * sig)
     dg = do * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(DG + rows[:, None] * stride_dg + cols[None, :], _round(dg, DG.dtype.element_ty, ROUND_BY_HAND), mask=mask)
-    tl.store(DU + rows[:, None] * stride_du + cols[None, :], _round(du, DU.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+    tl.store(DG + rows[:, None] * stride_dg + cols[None, :], cast_rtne(dg, DG.dtype.element_ty, SOFT_BF16), mask=mask)
+    tl.store(DU + rows[:, None] * stride_du + cols[None, :], cast_rtne(du, DU.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -131,12 +121,6 @@ def swiglu_config(n_cols: int) -> Config:
 
 
 # ---------------------------------------------------------------------------- launchers
-def _round_by_hand(t: torch.Tensor) -> bool:
-    """Whether a kernel storing t's dtype must round by hand: bfloat16 on the CPU, which only
-    the interpreter runs."""
-    return t.device.type == "cpu" and t.dtype == torch.bfloat16
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (rows, N) with unit column stride: a view when the strides allow it, else
     one deliberate copy (a column stride other than 1 would also defeat vector loads)."""
@@ -159,7 +143,7 @@ def _fwd_launch(g2, u2, out2, name: str = "swiglu_fwd") -> Launch:
     n_rows, n = g2.shape
     cfg = swiglu_config(n)
     args = dict(G=g2, U=u2, O=out2, stride_g=g2.stride(0), stride_u=u2.stride(0), n_rows=n_rows, N=n,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROUND_BY_HAND=_round_by_hand(g2))
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SOFT_BF16=soft_bf16(g2))
     return Launch(name, _swiglu_fwd_kernel, args, cfg.num_warps, cfg.num_stages, grid=_grid(n_rows, n, cfg))
 
 
@@ -168,7 +152,7 @@ def _bwd_launch(do2, g2, u2, dg2, du2, name: str = "swiglu_bwd") -> Launch:
     cfg = swiglu_config(n)
     args = dict(DO=do2, G=g2, U=u2, DG=dg2, DU=du2, stride_do=do2.stride(0), stride_g=g2.stride(0),
                 stride_u=u2.stride(0), stride_dg=dg2.stride(0), stride_du=du2.stride(0), n_rows=n_rows, N=n,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROUND_BY_HAND=_round_by_hand(g2))
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SOFT_BF16=soft_bf16(g2))
     return Launch(name, _swiglu_bwd_kernel, args, cfg.num_warps, cfg.num_stages, grid=_grid(n_rows, n, cfg))
 
 

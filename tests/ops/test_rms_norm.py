@@ -235,7 +235,7 @@ def test_static_launches_use_the_runtime_config():
     launch = ops._fwd_launch(x, None, torch.empty(4096, device="meta"), torch.empty_like(x), None, EPS)
     cfg = ops.rms_norm_config(4096, 2, "fwd")
     assert (launch.args["BLOCK_M"], launch.args["BLOCK_N"], launch.num_warps) == cfg[:3]
-    assert launch.args["ROUND_BY_HAND"] is False  # the GPU specialisation, not the interpreter's
+    assert launch.args["SOFT_BF16"] is False  # the GPU specialisation, not the interpreter's
 
 
 @pytest.mark.slow

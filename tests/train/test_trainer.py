@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from train.config import Config
 from train.trainer import Hooks, TrainingStopped, run
@@ -93,3 +94,79 @@ def test_nan_stop_policy_saves_last_good_state(tmp_path):
         run(cfg, hooks=Hooks(loss=inject), progress=False)
     saved = os.listdir(tmp_path / "checkpoints")
     assert saved == ["step_00000004"]
+
+
+def test_resume_20_straight_equals_10_plus_10(tmp_path):
+    def cfg(out, steps):
+        c = small_config(out, steps=steps, decay_steps=20, micro_batch=2, global_batch=2, seq_len=32)
+        c.checkpoint.interval = 10
+        c.eval.interval = 0
+        return c
+
+    straight = run(cfg(tmp_path / "a", 20), progress=False)
+    run(cfg(tmp_path / "b", 10), progress=False)
+    resumed = run(cfg(tmp_path / "b", 20), resume=True, progress=False)
+    assert [r["loss"] for r in straight[10:]] == [r["loss"] for r in resumed]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(mode):
+    from model import Llama, LlamaConfig
+    from train.parallelize import apply_activation_checkpointing
+
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, ffn_dim=96, max_seq_len=32)
+    torch.manual_seed(0)
+    plain = Llama(cfg)
+    wrapped = Llama(cfg)
+    wrapped.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(wrapped, mode)
+    tokens = torch.randint(0, 50, (2, 16))
+    cu = torch.tensor([0, 5, 16, 32], dtype=torch.int32)
+    for m in (plain, wrapped):
+        m.loss(tokens, tokens, cu_seqlens=cu, max_seqlen=16).backward()
+    grads = dict(plain.named_parameters())
+    for name, p in wrapped.named_parameters():
+        name = name.replace("._checkpoint_wrapped_module", "")
+        assert torch.equal(p.grad, grads[name].grad), name
+
+
+def test_compiled_blocks_train_like_eager(tmp_path):
+    eager = run(small_config(tmp_path / "e", steps=2), progress=False)
+    compiled = run(small_config(tmp_path / "c", steps=2, compile=True), progress=False)
+    for a, b in zip(eager, compiled):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_export_then_transformers_and_init_from_hf(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from model import Llama
+
+    run(small_config(tmp_path / "run", steps=3), progress=False)
+    from train.export import main as export_main
+
+    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = Llama.from_hf(tmp_path / "hf")
+    tokens = torch.randint(0, 258, (1, 12))
+    ref = hf(tokens).logits
+    assert (ours(tokens) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+    # continued pretraining from the exported checkpoint starts at its loss, not a random model's
+    cfg = small_config(tmp_path / "cont", steps=1)
+    cfg.model.init_from_hf = str(tmp_path / "hf")
+    first = run(cfg, progress=False)[0]["loss"]
+    fresh = run(small_config(tmp_path / "fresh", steps=1), progress=False)[0]["loss"]
+    assert first < fresh - 0.3
+
+
+def test_export_without_checkpoint_is_an_error(tmp_path, capsys):
+    from train.export import main as export_main
+
+    assert export_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_mfu_arithmetic_reproduces_meditron():
+    from train.metrics import mfu
+
+    assert round(mfu(6 * 70e9, 40_200, 128, 312e12) * 100, 1) == 42.3

@@ -1,0 +1,1068 @@
+"""Flash attention in Triton: causal and not, GQA, packed documents, fused rotary; forward and backward.
+
+Shapes follow flash-attn. Batched: q (batch, seq, n_heads, d), k and v (batch, seq, n_kv_heads, d).
+Packed: q (total, n_heads, d), documents delimited by cu_seqlens. Query head h reads kv head
+h // (n_heads // n_kv_heads) in place; k and v are never expanded.
+
+Three kernels, each an exact online-softmax pass over (query block x key block) tiles:
+  _attn_fwd       o, and the log-sum-exp of every query row;
+  _attn_bwd_dq    delta = rowsum(o * do), kept for the next kernel, and dq;
+  _attn_bwd_dkdv  dk and dv: one program owns one key block of one kv head and walks the query heads
+                  of its group, so the GQA reduction happens in registers, in a fixed order.
+Every output element is written by exactly one program: no atomics, bit-identical reruns. The price
+is that the dq program recomputes q k^T and do v^T (7 block matmuls per tile pair instead of 5).
+
+Causal blocks above the diagonal are never visited, and only diagonal blocks pay for a mask. In a
+pack, every loop is bounded by the program's own document: blocks of other documents are skipped,
+not masked.
+
+Rotary: q and k are rotated in registers as they are loaded, as two rotate-half halves that stay
+separate tiles (q k^T is the sum of the halves' products, so no register shuffles). The forward
+rotates its query block once and every key block it visits. The dq kernel does the same, and hands
+the rotated q and k it has made to the dk/dv kernel, which therefore streams plain tiles. dq and dk
+are rotated back (the conjugate rotation) just before their one store.
+
+On sm_90 every q/k/v/do tile comes in through a TMA descriptor made in the kernel, one per
+(document, head), whose bounds are the document's: rows past its end arrive as zeros, never as the
+next document. On sm_80, for fp32, and where a stride breaks TMA's 16-byte rule, the same kernels
+use masked pointer loads.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
+from triton.runtime.errors import OutOfResources
+
+from .. import _validate as V
+from .._static import Launch
+from ..backend import register
+from ._common import cast_rtne
+
+LOG2E = 1.4426950408889634
+# the same constants, visible inside kernels
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------- kernel helpers
+@triton.jit
+def _tile_ids(n_heads, n_batch, REVERSE: tl.constexpr):
+    # One flat grid, head fastest: the query heads of a GQA group run side by side and share their
+    # k/v tiles in L2. Block index slowest; REVERSE hands out the heaviest causal blocks first.
+    pid = tl.program_id(0)
+    head = pid % n_heads
+    rest = pid // n_heads
+    bid = rest % n_batch
+    blk = rest // n_batch
+    if REVERSE:
+        blk = tl.num_programs(0) // (n_heads * n_batch) - 1 - blk
+    return head, bid, blk
+
+
+@triton.jit
+def _doc_bounds(CU, bid, seqlen, PACKED: tl.constexpr):
+    # -> (first token of sequence `bid` along the token axis, as int64; its length)
+    if PACKED:
+        start = tl.load(CU + bid)
+        length = tl.load(CU + bid + 1) - start
+        start = start.to(tl.int64)
+    else:
+        start = bid.to(tl.int64) * 0
+        length = seqlen
+    return start, length
+
+
+@triton.jit
+def _tile_ptrs(base, rows, L, stride_s, WIDTH: tl.constexpr, PAD: tl.constexpr):
+    # A [rows, PAD] tile of a [L, WIDTH] slab with unit column stride. Rows past L (the end of the
+    # sequence) and columns past WIDTH (padding to a power of two) are masked off.
+    cols = tl.arange(0, PAD)
+    ptrs = base + rows[:, None] * stride_s + cols[None, :]
+    mask = rows[:, None] < L
+    if WIDTH != PAD:
+        mask = mask & (cols < WIDTH)[None, :]
+    return ptrs, mask
+
+
+@triton.jit
+def _make_desc(base, L, WIDTH: tl.constexpr, stride_s, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    # A TMA descriptor over one (document, head): [L, WIDTH] rows of stride stride_s. Its bounds are
+    # the document's, so a block running past the end reads zeros, never the next document.
+    if USE_TMA:
+        desc = tl.make_tensor_descriptor(base, shape=[L, WIDTH], strides=[stride_s, 1], block_shape=[BLOCK, BLOCK_W])
+    else:
+        desc = base
+    return desc
+
+
+@triton.jit
+def _load(base, desc, r0, rows, L, stride_s, WIDTH: tl.constexpr, PAD: tl.constexpr,
+          USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
+    # A [rows, PAD] tile, zero past the end of the sequence and past WIDTH.
+    if USE_TMA:
+        x = desc.load([r0, 0])
+    else:
+        ptrs, mask = _tile_ptrs(base, rows, L, stride_s, WIDTH, PAD)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _positions(POS, bid, start, rows, L, stride_pb, stride_ps, HAS_POS: tl.constexpr):
+    # Rotary position of each row: position_ids, or the row's index inside its own sequence.
+    if HAS_POS:
+        pos = tl.load(POS + bid.to(tl.int64) * stride_pb + (start + rows) * stride_ps, mask=rows < L, other=0)
+    else:
+        pos = rows
+    return pos
+
+
+@triton.jit
+def _load_qk(base, desc, r0, rows, L, stride_s, pos, COS, SIN, stride_rot, HEAD_DIM: tl.constexpr,
+             QK_PAD: tl.constexpr, ROTARY: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+             ROTATE: tl.constexpr = True):
+    # q or k as the matmuls see it, -> (a, b). Plain: a is the [rows, QK_PAD] tile (b = a, unused).
+    # ROTARY: the two rotate-half halves, each [rows, QK_PAD], rotated as loaded:
+    # [x1 | x2] -> [x1 c - x2 s | x2 c + x1 s], in fp32 and rounded once to the input dtype, as
+    # apply_rotary does. Keeping the halves apart (q k^T = a_q a_k^T + b_q b_k^T) costs no shuffle.
+    # ROTATE=False: the halves of a tensor that is already rotated.
+    if ROTARY and not ROTATE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        if USE_TMA:
+            a = desc.load([r0, 0])
+            b = desc.load([r0, HALF])
+        else:
+            ptrs, mask = _tile_ptrs(base, rows, L, stride_s, HALF, QK_PAD)
+            a = tl.load(ptrs, mask=mask, other=0.0)
+            b = tl.load(ptrs + HALF, mask=mask, other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    elif ROTARY:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        ptrs, mask = _tile_ptrs(base, rows, L, stride_s, HALF, QK_PAD)
+        if USE_TMA:
+            x1 = desc.load([r0, 0]).to(tl.float32)
+            x2 = desc.load([r0, HALF]).to(tl.float32)
+        else:
+            x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        t = pos[:, None] * stride_rot + tl.arange(0, QK_PAD)[None, :]
+        cos = tl.load(COS + t, mask=mask, other=0.0)
+        sin = tl.load(SIN + t, mask=mask, other=0.0)
+        dtype = base.dtype.element_ty
+        a = cast_rtne(x1 * cos - x2 * sin, dtype, _INTERPRETED)
+        b = cast_rtne(x2 * cos + x1 * sin, dtype, _INTERPRETED)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    else:
+        a = _load(base, desc, r0, rows, L, stride_s, HEAD_DIM, QK_PAD, USE_TMA, DOT_F32)
+        b = a
+    return a, b
+
+
+@triton.jit
+def _dot_nt(a1, a2, b1, b2, ROTARY: tl.constexpr, PRECISION: tl.constexpr):
+    # a b^T over head_dim; with ROTARY the reduction runs over the two halves in turn.
+    s = tl.dot(a1, tl.trans(b1), input_precision=PRECISION)
+    if ROTARY:
+        s = tl.dot(a2, tl.trans(b2), s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
+def _store(base, rows, L, stride_s, x, WIDTH: tl.constexpr, PAD: tl.constexpr):
+    ptrs, mask = _tile_ptrs(base, rows, L, stride_s, WIDTH, PAD)
+    tl.store(ptrs, cast_rtne(x.to(tl.float32), base.dtype.element_ty, _INTERPRETED), mask=mask)
+
+
+@triton.jit
+def _store_qk_grad(base, rows, L, stride_s, g1, g2, pos, COS, SIN, stride_rot, HEAD_DIM: tl.constexpr,
+                   QK_PAD: tl.constexpr, ROTARY: tl.constexpr):
+    # dq or dk. With ROTARY, (g1, g2) is the gradient with respect to the rotated halves; the gradient
+    # with respect to the input is the conjugate rotation [g1 c + g2 s | g2 c - g1 s].
+    if ROTARY:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        ptrs, mask = _tile_ptrs(base, rows, L, stride_s, HALF, QK_PAD)
+        t = pos[:, None] * stride_rot + tl.arange(0, QK_PAD)[None, :]
+        cos = tl.load(COS + t, mask=mask, other=0.0)
+        sin = tl.load(SIN + t, mask=mask, other=0.0)
+        dtype = base.dtype.element_ty
+        tl.store(ptrs, cast_rtne(g1 * cos + g2 * sin, dtype, _INTERPRETED), mask=mask)
+        tl.store(ptrs + HALF, cast_rtne(g2 * cos - g1 * sin, dtype, _INTERPRETED), mask=mask)
+    else:
+        _store(base, rows, L, stride_s, g1, HEAD_DIM, QK_PAD)
+
+
+@triton.jit
+def _mm(x, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    # A matmul operand made in registers (p, ds): rounded to the input dtype as the tensor cores see
+    # it. DOT_F32 (only under the interpreter, whose bf16 arithmetic is broken) feeds it back as fp32.
+    y = cast_rtne(x, DTYPE, _INTERPRETED)
+    if DOT_F32:
+        y = y.to(tl.float32)
+    return y
+
+
+# ---------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, lo, hi, L, qk_scale,
+                k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
+                USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SCALE_NEG: tl.constexpr):
+    # Key blocks [lo, hi) of the online softmax. Scores live in base 2 (qk_scale carries log2(e)).
+    dtype = v_base.dtype.element_ty
+    for n0 in range(lo, hi, BLOCK_N):
+        rows_n = n0 + tl.arange(0, BLOCK_N)
+        pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
+        k1, k2 = _load_qk(k_base, k_desc, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
+                          HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32)
+        qk = _dot_nt(q1, q2, k1, k2, ROTARY, PRECISION)
+        # Key 0 of the sequence is visited first and is visible to every row, so m_new is finite.
+        if MASK:
+            keep = rows_n[None, :] < L
+            if CAUSAL:
+                keep = keep & (rows_n[None, :] <= rows_m[:, None])
+            s = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+        else:
+            # The row maximum is scaled after the reduction, and the scale folds into one FMA per score.
+            if SCALE_NEG:
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load(v_base, v_desc, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, USE_TMA, DOT_F32)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(_mm(p, dtype, DOT_F32), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V,  # inputs: (batch, seq, heads, d) or packed (total, heads, d); unit stride along d
+    O,  # output, Q's shape, contiguous
+    LSE,  # (batch, n_heads, seq) or packed (n_heads, total) fp32: natural log-sum-exp of each row's scores
+    CU,  # (n_docs + 1,) int32 document offsets (PACKED only)
+    COS, SIN,  # (max_pos, d // 2) fp32 rotary tables, unit column stride (ROTARY only)
+    POS,  # position ids, (batch, seq) or (total,) (HAS_POS only)
+    qk_scale,  # softmax_scale * log2(e): the softmax runs on exp2
+    stride_qb, stride_qs, stride_qh,  # strides of Q in elements; the batch stride is 0 when PACKED
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,  # LSE strides of a sequence and of a head; a row's offset adds its token index
+    stride_rot,  # row stride of COS and SIN
+    stride_pb, stride_ps,  # POS strides (batch stride 0 when PACKED)
+    seqlen,  # batched: the sequence length (PACKED: unused, lengths come from CU)
+    n_heads, n_batch,  # query heads; batch size or number of documents
+    group,  # n_heads // n_kv_heads
+    HEAD_DIM: tl.constexpr,  # d
+    D_PAD: tl.constexpr,  # d rounded up to a power of two (>= 16): the width of v and o tiles
+    QK_PAD: tl.constexpr,  # width of q and k tiles: D_PAD, or with ROTARY that of one half (>= 16)
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per step; divides BLOCK_M, so the causal diagonal starts on a block
+    CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
+    USE_TMA: tl.constexpr,  # tiles through TMA descriptors (sm_90)
+    DOT_F32: tl.constexpr,  # interpreter only: bf16 matmul operands upcast to fp32
+    PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else unused
+    SCALE_NEG: tl.constexpr,  # softmax_scale < 0: the row maximum of the scaled scores is the scaled minimum
+):
+    head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
+    start, L = _doc_bounds(CU, bid, seqlen, PACKED)
+    m0 = blk * BLOCK_M
+    if m0 >= L:
+        return
+    kvh = head // group
+    b64 = bid.to(tl.int64)
+    q_base = Q + b64 * stride_qb + start * stride_qs + head.to(tl.int64) * stride_qh
+    k_base = K + b64 * stride_kb + start * stride_ks + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
+    rows_m = m0 + tl.arange(0, BLOCK_M)
+    pos_m = _positions(POS, bid, start, rows_m, L, stride_pb, stride_ps, HAS_POS)
+    q_desc = _make_desc(q_base, L, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
+    q1, q2 = _load_qk(q_base, q_desc, m0, rows_m, L, stride_qs, pos_m, COS, SIN, stride_rot,
+                      HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32)
+    k_desc = _make_desc(k_base, L, HEAD_DIM, stride_ks, BLOCK_N, QK_PAD, USE_TMA)
+    v_desc = _make_desc(v_base, L, HEAD_DIM, stride_vs, BLOCK_N, D_PAD, USE_TMA)
+
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if CAUSAL:
+        full_end = m0  # every key block before the diagonal is entirely visible
+        hi = tl.minimum(m0 + BLOCK_M, L)
+    else:
+        full_end = (L // BLOCK_N) * BLOCK_N
+        hi = L
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, 0, full_end, L, qk_scale,
+                                k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                DOT_F32, PRECISION, SCALE_NEG)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, full_end, hi, L, qk_scale,
+                                k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                DOT_F32, PRECISION, SCALE_NEG)
+    o = acc / l_i[:, None]
+    o_base = O + b64 * stride_ob + start * stride_os + head.to(tl.int64) * stride_oh
+    _store(o_base, rows_m, L, stride_os, o, HEAD_DIM, D_PAD)
+    lse_base = LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + start
+    tl.store(lse_base + rows_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows_m < L)
+
+
+# ---------------------------------------------------------------------------- backward: delta and dq
+@triton.jit
+def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, lo, hi, L, qk_scale,
+               k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+               start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
+               USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    dtype = v_base.dtype.element_ty
+    for n0 in range(lo, hi, BLOCK_N):
+        rows_n = n0 + tl.arange(0, BLOCK_N)
+        pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
+        k1, k2 = _load_qk(k_base, k_desc, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
+                          HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32)
+        v = _load(v_base, v_desc, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, USE_TMA, DOT_F32)
+        s = _dot_nt(q1, q2, k1, k2, ROTARY, PRECISION) * qk_scale
+        if MASK:
+            keep = rows_n[None, :] < L
+            if CAUSAL:
+                keep = keep & (rows_n[None, :] <= rows_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = _mm(p * (dp - delta[:, None]), dtype, DOT_F32)
+        dq1 = tl.dot(ds, k1, dq1, input_precision=PRECISION)
+        if ROTARY:
+            dq2 = tl.dot(ds, k2, dq2, input_precision=PRECISION)
+    return dq1, dq2
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, O, DO,  # forward inputs, output and its gradient (DO: unit stride along d)
+    LSE,  # forward log-sum-exp
+    DELTA,  # out: rowsum(o * do) in fp32, LSE's layout, read by _attn_bwd_dkdv
+    DQ,  # out: gradient of q, Q's shape, contiguous
+    QROT,  # out (ROTARY only): the rotated queries, DQ's shape and strides, for _attn_bwd_dkdv
+    KROT,  # out (ROTARY only): the rotated keys, contiguous like K, for _attn_bwd_dkdv
+    stride_krb, stride_krs, stride_krh,  # KROT's strides
+    CU, COS, SIN, POS,  # as in _attn_fwd
+    qk_scale,  # softmax_scale * log2(e)
+    sm_scale,  # softmax_scale: the chain-rule factor of dq
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,  # shared by LSE and DELTA
+    stride_rot, stride_pb, stride_ps,
+    seqlen, n_heads, n_batch, group,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr,
+    HAS_POS: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
+    start, L = _doc_bounds(CU, bid, seqlen, PACKED)
+    m0 = blk * BLOCK_M
+    if m0 >= L:
+        return
+    kvh = head // group
+    b64 = bid.to(tl.int64)
+    h64 = head.to(tl.int64)
+    q_base = Q + b64 * stride_qb + start * stride_qs + h64 * stride_qh
+    k_base = K + b64 * stride_kb + start * stride_ks + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
+    o_base = O + b64 * stride_ob + start * stride_os + h64 * stride_oh
+    do_base = DO + b64 * stride_dob + start * stride_dos + h64 * stride_doh
+    rows_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows_m < L
+
+    do = _load(do_base, do_base, m0, rows_m, L, stride_dos, HEAD_DIM, D_PAD, False, False)
+    o = _load(o_base, o_base, m0, rows_m, L, stride_os, HEAD_DIM, D_PAD, False, False)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    stat = b64 * stride_lb + h64 * stride_lh + start + rows_m
+    tl.store(DELTA + stat, delta, mask=row_ok)
+    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * _LOG2E
+    if DOT_F32:
+        do = do.to(tl.float32)
+    pos_m = _positions(POS, bid, start, rows_m, L, stride_pb, stride_ps, HAS_POS)
+    q1, q2 = _load_qk(q_base, q_base, m0, rows_m, L, stride_qs, pos_m, COS, SIN, stride_rot,
+                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
+    dq_base = DQ + b64 * stride_dqb + start * stride_dqs + h64 * stride_dqh
+    if ROTARY:
+        # Rotated once here, so that the dk/dv kernel streams them instead of rotating each tile
+        # group * (seq / BLOCK_N) times.
+        qrot_base = QROT + b64 * stride_dqb + start * stride_dqs + h64 * stride_dqh
+        _store(qrot_base, rows_m, L, stride_dqs, q1, HEAD_DIM // 2, QK_PAD)
+        _store(qrot_base + HEAD_DIM // 2, rows_m, L, stride_dqs, q2, HEAD_DIM // 2, QK_PAD)
+    k_desc = _make_desc(k_base, L, HEAD_DIM, stride_ks, BLOCK_N, QK_PAD, USE_TMA)
+    v_desc = _make_desc(v_base, L, HEAD_DIM, stride_vs, BLOCK_N, D_PAD, USE_TMA)
+
+    dq1 = tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32)
+    if ROTARY:
+        dq2 = tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32)
+    else:
+        dq2 = tl.zeros([1], dtype=tl.float32)  # unused
+    if CAUSAL:
+        full_end = m0
+        hi = tl.minimum(m0 + BLOCK_M, L)
+    else:
+        full_end = (L // BLOCK_N) * BLOCK_N
+        hi = L
+    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, 0, full_end, L, qk_scale,
+                          k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                          start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                          BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                          PRECISION)
+    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, full_end, hi, L, qk_scale,
+                          k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                          start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                          BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                          PRECISION)
+    _store_qk_grad(dq_base, rows_m, L, stride_dqs, dq1 * sm_scale, dq2 * sm_scale, pos_m, COS, SIN, stride_rot,
+                   HEAD_DIM, QK_PAD, ROTARY)
+    if ROTARY:
+        if head % group == 0:
+            # One program per (kv head, row block) also hands over these rows of k rotated (keys and
+            # queries share positions), so the dk/dv kernel never rotates either.
+            k1, k2 = _load_qk(k_base, k_base, m0, rows_m, L, stride_ks, pos_m, COS, SIN, stride_rot,
+                              HEAD_DIM, QK_PAD, ROTARY, False, False)
+            krot_base = KROT + b64 * stride_krb + start * stride_krs + kvh.to(tl.int64) * stride_krh
+            _store(krot_base, rows_m, L, stride_krs, k1, HEAD_DIM // 2, QK_PAD)
+            _store(krot_base + HEAD_DIM // 2, rows_m, L, stride_krs, k2, HEAD_DIM // 2, QK_PAD)
+
+
+# ---------------------------------------------------------------------------- backward: dk and dv
+@triton.jit
+def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, lo, hi, L, qk_scale,
+                 q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
+                 MASK: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr, USE_TMA: tl.constexpr,
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    # Query blocks [lo, hi) against one key block, transposed (keys on rows) so that dk and dv
+    # accumulate without a transpose. Query rows past L load as zeros (q, do, lse, delta), which makes
+    # their contribution exactly zero: only the causal diagonal needs a mask. With ROTARY, q_base
+    # points at the queries _attn_bwd_dq already rotated: no rotation in this loop.
+    dtype = q_base.dtype.element_ty
+    for m0 in range(lo, hi, BLOCK_M):
+        rows_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows_m < L
+        q1, q2 = _load_qk(q_base, q_desc, m0, rows_m, L, stride_qs, rows_m, COS, SIN, stride_rot,
+                          HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32, False)
+        do = _load(do_base, do_desc, m0, rows_m, L, stride_dos, HEAD_DIM, D_PAD, USE_TMA, DOT_F32)
+        lse2 = tl.load(lse_base + rows_m, mask=row_ok, other=0.0) * _LOG2E
+        delta = tl.load(delta_base + rows_m, mask=row_ok, other=0.0)
+        st = _dot_nt(k1, k2, q1, q2, ROTARY, PRECISION) * qk_scale
+        if MASK:
+            st = tl.where(rows_m[None, :] >= rows_n[:, None], st, float("-inf"))
+        pt = tl.math.exp2(st - lse2[None, :])
+        dv = tl.dot(_mm(pt, dtype, DOT_F32), do, dv, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = _mm(pt * (dpt - delta[None, :]), dtype, DOT_F32)
+        dk1 = tl.dot(dst, q1, dk1, input_precision=PRECISION)
+        if ROTARY:
+            dk2 = tl.dot(dst, q2, dk2, input_precision=PRECISION)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K,  # queries and keys; with ROTARY, the rotated ones _attn_bwd_dq wrote (QROT, KROT)
+    V, DO,  # forward values and the output gradient
+    LSE, DELTA,  # forward log-sum-exp and _attn_bwd_dq's rowsum(o * do), same layout
+    DK, DV,  # out: gradients of k and v, K's shape, contiguous
+    CU, COS, SIN, POS,  # as in _attn_fwd
+    qk_scale, sm_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,  # shared by DK and DV (both contiguous, same shape)
+    stride_lb, stride_lh,
+    stride_rot, stride_pb, stride_ps,
+    seqlen, n_kv_heads, n_batch, group,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per step
+    BLOCK_N: tl.constexpr,  # key rows per program
+    CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Causal: the first key blocks carry the most work, and they come first in the flat grid.
+    kvh, bid, blk = _tile_ids(n_kv_heads, n_batch, False)
+    start, L = _doc_bounds(CU, bid, seqlen, PACKED)
+    n0 = blk * BLOCK_N
+    if n0 >= L:
+        return
+    b64 = bid.to(tl.int64)
+    rows_n = n0 + tl.arange(0, BLOCK_N)
+    k_base = K + b64 * stride_kb + start * stride_ks + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
+    pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
+    k1, k2 = _load_qk(k_base, k_base, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
+                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32, False)
+    v = _load(v_base, v_base, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, False, DOT_F32)
+
+    dk1 = tl.zeros([BLOCK_N, QK_PAD], dtype=tl.float32)
+    if ROTARY:
+        dk2 = tl.zeros([BLOCK_N, QK_PAD], dtype=tl.float32)
+    else:
+        dk2 = tl.zeros([1], dtype=tl.float32)  # unused
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    if CAUSAL:
+        lo = (n0 // BLOCK_M) * BLOCK_M  # first query block that sees any of these keys
+        mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, L)  # from here on, it sees all of them
+    else:
+        lo = 0
+        mid = 0
+    for g in range(group):
+        h64 = (kvh * group + g).to(tl.int64)
+        q_base = Q + b64 * stride_qb + start * stride_qs + h64 * stride_qh
+        do_base = DO + b64 * stride_dob + start * stride_dos + h64 * stride_doh
+        lse_base = LSE + b64 * stride_lb + h64 * stride_lh + start
+        delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + start
+        q_desc = _make_desc(q_base, L, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
+        do_desc = _make_desc(do_base, L, HEAD_DIM, stride_dos, BLOCK_M, D_PAD, USE_TMA)
+        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, lo, mid, L, qk_scale,
+                                    q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                                    start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, True, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                    PRECISION)
+        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, mid, L, L, qk_scale,
+                                    q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                                    start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, False, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                    PRECISION)
+    dk_base = DK + b64 * stride_dkb + start * stride_dks + kvh.to(tl.int64) * stride_dkh
+    dv_base = DV + b64 * stride_dkb + start * stride_dks + kvh.to(tl.int64) * stride_dkh
+    _store_qk_grad(dk_base, rows_n, L, stride_dks, dk1 * sm_scale, dk2 * sm_scale, pos_n, COS, SIN, stride_rot,
+                   HEAD_DIM, QK_PAD, ROTARY)
+    _store(dv_base, rows_n, L, stride_dks, dv, HEAD_DIM, D_PAD)
+
+
+# ---------------------------------------------------------------------------- configuration
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile shape and launch options of one kernel. block_m: query rows; block_n: key rows."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _d_pad(head_dim: int) -> int:
+    # tl.dot needs a reduction of at least 16; non-powers of two are padded with zero columns
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _qk_pad(head_dim: int, rotary: bool) -> int:
+    # width of a q/k tile: rotary keeps the two halves as separate tiles
+    return max(16, triton.next_power_of_2(head_dim // 2)) if rotary else _d_pad(head_dim)
+
+
+# Every tile shape lives here: {(kernel, arch, head_dim class, rotary): [default, other candidates]}.
+# The autotuner (on a GPU) times the candidates; the default runs everywhere else, and is what the
+# static report compiles. Every 16-bit default compiles without spills for sm_80 and sm_90.
+# Reasoning, bf16/fp16 at d = 128: a 128-row query tile makes each k/v tile fetched from L2 feed
+# 128 x 128 x 4 flops per pair of elements; its fp32 accumulators (o, and the scores) take 8 warps
+# to stay in registers. On Hopper, wgmma reads k and v straight from shared memory, and 3 stages of
+# 64 KB k+v tiles plus the 32 KB q tile fit in 227 KB. Ampere's mma.sync pulls operands through
+# registers, so its tiles are half as wide. The dk/dv program holds two fp32 key-block accumulators,
+# which caps it at 128 keys x 32 queries per step on sm_90 (64 keys on sm_80). Rotary tiles carry the
+# fp32 cos/sin tiles of every key block too, so they use half the key rows.
+_C = Config
+_TABLE = {
+    ("fwd", 90, 64, False): [_C(128, 128, 8, 3), _C(128, 64, 4, 3), _C(128, 128, 8, 4), _C(64, 64, 4, 3)],
+    ("fwd", 90, 128, False): [_C(128, 128, 8, 3), _C(128, 128, 8, 2), _C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+    ("fwd", 90, 256, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(64, 32, 4, 3)],
+    ("fwd", 80, 64, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 64, 4, 2)],
+    ("fwd", 80, 128, False): [_C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 4, 2)],
+    ("fwd", 80, 256, False): [_C(64, 32, 8, 2), _C(32, 32, 4, 2), _C(64, 64, 8, 2)],
+    ("dq", 90, 64, False): [_C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(64, 64, 4, 3)],
+    ("dq", 90, 128, False): [_C(128, 64, 8, 3), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
+    ("dq", 90, 256, False): [_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(32, 32, 4, 2)],
+    ("dq", 80, 64, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 3), _C(128, 32, 4, 3)],
+    ("dq", 80, 128, False): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(128, 32, 8, 3)],
+    ("dq", 80, 256, False): [_C(64, 32, 8, 2), _C(32, 32, 4, 2), _C(64, 16, 4, 2)],
+    ("dkdv", 90, 64, False): [_C(32, 128, 8, 3), _C(64, 128, 8, 3), _C(64, 64, 4, 3)],
+    ("dkdv", 90, 128, False): [_C(32, 128, 8, 3), _C(16, 128, 8, 3), _C(32, 128, 8, 2)],
+    ("dkdv", 90, 256, False): [_C(32, 32, 8, 2), _C(32, 64, 8, 2), _C(16, 64, 8, 2)],
+    ("dkdv", 80, 64, False): [_C(32, 128, 8, 2), _C(32, 64, 4, 2), _C(64, 64, 4, 2)],
+    ("dkdv", 80, 128, False): [_C(32, 64, 8, 2), _C(16, 128, 8, 2), _C(32, 64, 4, 1)],
+    ("dkdv", 80, 256, False): [_C(32, 32, 8, 2), _C(16, 64, 8, 2), _C(16, 32, 4, 2)],
+    ("fwd", 90, 64, True): [_C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(64, 64, 4, 3)],
+    ("fwd", 90, 128, True): [_C(128, 64, 8, 2), _C(128, 64, 8, 3), _C(128, 128, 8, 2)],
+    ("fwd", 90, 256, True): [_C(64, 32, 8, 2), _C(64, 64, 8, 2)],
+    ("fwd", 80, 64, True): [_C(64, 32, 4, 2), _C(128, 32, 8, 2)],
+    ("fwd", 80, 128, True): [_C(64, 32, 4, 2), _C(64, 16, 4, 2)],
+    ("fwd", 80, 256, True): [_C(32, 32, 4, 2), _C(64, 16, 4, 2)],
+    ("dq", 90, 64, True): [_C(128, 64, 8, 2), _C(128, 32, 8, 3)],
+    ("dq", 90, 128, True): [_C(128, 32, 8, 3), _C(128, 64, 8, 2)],
+    ("dq", 90, 256, True): [_C(32, 32, 8, 2), _C(16, 16, 4, 2)],
+    ("dq", 80, 64, True): [_C(64, 32, 4, 2), _C(32, 32, 4, 2)],
+    ("dq", 80, 128, True): [_C(32, 32, 4, 2), _C(64, 16, 4, 2)],
+    ("dq", 80, 256, True): [_C(32, 16, 8, 2), _C(16, 16, 4, 2)],
+    ("dkdv", 90, 64, True): [_C(32, 128, 8, 3), _C(32, 64, 4, 3)],
+    ("dkdv", 90, 128, True): [_C(32, 128, 8, 3), _C(16, 128, 8, 3)],
+    ("dkdv", 90, 256, True): [_C(32, 32, 8, 2), _C(16, 16, 4, 2)],
+    ("dkdv", 80, 64, True): [_C(32, 64, 8, 2), _C(32, 32, 4, 2)],
+    ("dkdv", 80, 128, True): [_C(32, 32, 4, 2), _C(16, 64, 8, 2)],
+    ("dkdv", 80, 256, True): [_C(16, 32, 8, 2), _C(16, 16, 4, 2)],
+}
+# Head dims that are not a power of two load through masked pointers rather than TMA; where that
+# costs registers, they get their own entry.
+_TABLE_PADDED = {
+    ("dkdv", 90, 128, False): [_C(16, 128, 8, 3)],
+    ("dkdv", 90, 128, True): [_C(16, 128, 8, 3)],
+}
+# fp32 inputs run the "ieee" dot, on CUDA cores: a correctness path, in small tiles (one config).
+# Its dq kernel keeps q, do and dq whole per thread and spills under 1 KB even so.
+_TABLE_F32 = {
+    ("fwd", 128): _C(32, 16, 4, 1), ("fwd", 256): _C(16, 16, 4, 1),
+    ("dq", 128): _C(16, 16, 4, 1), ("dq", 256): _C(16, 16, 8, 1),
+    ("dkdv", 128): _C(16, 32, 4, 1), ("dkdv", 256): _C(16, 16, 4, 1),
+}
+
+# Under the interpreter every program runs in Python: small tiles, with block_m != block_n so that
+# the causal diagonal spans several key blocks and a sequence of 37 spans several of each.
+_INTERPRETER = {"fwd": Config(32, 16, 4, 1), "dq": Config(32, 16, 4, 1), "dkdv": Config(16, 32, 4, 1)}
+
+
+def candidates(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False) -> list[Config]:
+    """The configurations of ``kernel`` ("fwd", "dq" or "dkdv"); the first is the default.
+    cc None: the interpreter."""
+    if cc is None:
+        return [_INTERPRETER[kernel]]
+    width = _d_pad(head_dim)
+    if dtype == torch.float32:
+        return [_TABLE_F32[(kernel, 128 if width <= 128 else 256)]]
+    key = (kernel, 90 if cc >= 90 else 80, min(max(width, 64), 256), rotary)
+    if head_dim != width and key in _TABLE_PADDED:
+        return _TABLE_PADDED[key]
+    return _TABLE[key]
+
+
+def default_config(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False) -> Config:
+    """The deterministic configuration: what runs without autotuning and what the static report compiles."""
+    return candidates(kernel, cc, dtype, head_dim, rotary)[0]
+
+
+# Tests flip this to run the descriptor path under the interpreter (which checks TMA's alignment rules).
+_INTERPRET_TMA = False
+
+
+def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor) -> bool:
+    """TMA descriptors on sm_90 when every (document, head) slab satisfies TMA's rules: 16-byte
+    aligned base and row stride, unit stride along d; and d a power of two (with rotary, whose
+    tiles are half as wide, at least 32) so that a tile is exactly a box."""
+    if cc is None:
+        if not _INTERPRET_TMA:
+            return False
+    elif cc < 90 or tensors[0].dtype == torch.float32:  # fp32 runs on CUDA cores: nothing to feed
+        return False
+    if head_dim != _d_pad(head_dim) or (rotary and head_dim < 32):
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return False
+        if t.stride(-3) == 0:  # the row stride of a descriptor cannot be 0 (broadcast tokens)
+            return False
+    return True
+
+
+def _autotune_enabled(x: torch.Tensor) -> bool:
+    return (x.is_cuda and os.environ.get("MEDITRON_KERNELS_AUTOTUNE", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
+
+
+_CHOSEN: dict[tuple, Config] = {}
+
+
+def _run_tuned(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, rotary: bool, key: tuple, run) -> None:
+    """run(config) with this call's configuration: on a GPU, the fastest candidate for ``key`` (head_dim
+    and the sequence-length bucket among it), timed once per process; else the default. A candidate
+    the part cannot hold (shared memory differs a little between Triton versions) yields to the next."""
+    cands = candidates(kernel, cc, x.dtype, head_dim, rotary)
+    key = (kernel, cc, x.dtype, head_dim, rotary) + key
+    cfg = _CHOSEN.get(key)
+    if cfg is None:
+        if len(cands) > 1 and _autotune_enabled(x):
+            timed = []
+            for c in cands:
+                try:
+                    timed.append((triton.testing.do_bench(lambda: run(c), warmup=5, rep=25), cands.index(c)))
+                except OutOfResources:
+                    continue
+            cands = [cands[i] for _, i in sorted(timed)] or cands
+        for c in cands:
+            try:
+                run(c)
+            except OutOfResources:
+                if c is cands[-1]:
+                    raise
+                continue
+            _CHOSEN[key] = c
+            return
+    run(cfg)
+
+
+def _ensure_allocator() -> None:
+    # Descriptors made in the kernel live in a per-launch global scratch buffer that Triton asks an
+    # allocator for. The allocator is a context variable: set it where it is still the null default
+    # (autograd runs the backward on its own thread, with its own context).
+    try:
+        from triton.runtime import _allocation
+        current = _allocation._allocator.get()
+        if not isinstance(current, _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+# ---------------------------------------------------------------------------- launchers
+def _cc(x: torch.Tensor) -> int | None:
+    if x.is_cuda:
+        major, minor = torch.cuda.get_device_capability(x.device)
+        return major * 10 + minor
+    return None
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    # Strided rows and heads (e.g. slices of a fused qkv projection) are read in place; only a
+    # non-unit stride along d costs one copy.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bsh(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
+    """(sequence, token, head) strides in elements; a pack is one sequence axis, so its first is 0."""
+    return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
+
+
+# The longest document per cu_seqlens version: a trainer passes the same offsets to every layer,
+# so the host sync this costs happens once per step.
+_longest = WeakIdKeyDictionary()
+
+
+def _longest_document(cu: torch.Tensor) -> int:
+    hit = _longest.get(cu)
+    if hit is None or hit[0] != cu._version:
+        hit = (cu._version, int((cu[1:] - cu[:-1]).max().item()))
+        _longest[cu] = hit
+    return hit[1]
+
+
+def _check_positions(position_ids: torch.Tensor | None, n_table: int, longest: int) -> None:
+    # A position outside the tables would read out of bounds in the kernel: refuse it before launch.
+    # This runs inside the op, so also under torch.compile, where the public API's check is skipped.
+    if position_ids is None:
+        if longest > n_table:
+            raise ValueError(f"cos and sin cover {n_table} positions but a sequence has {longest} tokens; "
+                             "pass position_ids or longer tables")
+        return
+    V.position_range(position_ids, n_table)
+
+
+@dataclasses.dataclass
+class _Problem:
+    """Everything the three kernels share about one call."""
+    packed: bool
+    n_batch: int  # batch size, or number of documents
+    seqlen: int  # sequence length, or the longest document
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    causal: bool
+    scale: float
+    cu: torch.Tensor | None
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    pos: torch.Tensor | None
+
+    def common(self, dummy: torch.Tensor) -> dict:
+        rot = self.cos is not None
+        pos = self.pos
+        if pos is None:
+            pstrides = (0, 0)
+        elif self.packed:
+            pstrides = (0, pos.stride(0))
+        else:
+            pstrides = (pos.stride(0), pos.stride(1))
+        return dict(
+            CU=self.cu if self.packed else dummy, COS=self.cos if rot else dummy, SIN=self.sin if rot else dummy,
+            POS=pos if pos is not None else dummy, stride_rot=self.cos.stride(0) if rot else 0,
+            stride_pb=pstrides[0], stride_ps=pstrides[1], seqlen=self.seqlen if not self.packed else 0,
+            n_batch=self.n_batch, group=self.n_heads // self.n_kv, HEAD_DIM=self.head_dim,
+            D_PAD=_d_pad(self.head_dim), QK_PAD=_qk_pad(self.head_dim, rot), CAUSAL=self.causal,
+            PACKED=self.packed, ROTARY=rot, HAS_POS=pos is not None)
+
+    def lse_strides(self, lse: torch.Tensor) -> dict:
+        if self.packed:  # (n_heads, total)
+            return dict(stride_lb=0, stride_lh=lse.stride(0))
+        return dict(stride_lb=lse.stride(0), stride_lh=lse.stride(1))  # (batch, n_heads, seq)
+
+
+def _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids) -> _Problem:
+    packed = cu_seqlens is not None
+    head_dim = q.shape[-1]
+    if packed:
+        n_batch = cu_seqlens.shape[0] - 1
+        if max_seqlen > 0 and (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+            seqlen = max_seqlen  # no host sync inside a CUDA graph capture: trusted as given
+        else:
+            # The grid covers max_seqlen rows per document: a smaller value would leave rows unwritten,
+            # and the public API's check does not run under torch.compile. One sync per offsets tensor.
+            seqlen = _longest_document(cu_seqlens)
+            if max_seqlen > 0 and max_seqlen < seqlen:
+                raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document ({seqlen} tokens)")
+    else:
+        n_batch, seqlen = q.shape[0], q.shape[1]
+    if cos is not None:
+        cos, sin = cos.float(), sin.float()
+        if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+        _check_positions(position_ids, cos.shape[0], seqlen)
+    return _Problem(packed, n_batch, seqlen, q.shape[-2], k.shape[-2], head_dim, causal, softmax_scale,
+                    cu_seqlens, cos, sin, position_ids)
+
+
+def _flags(q: torch.Tensor, cc: int | None, tma: bool) -> dict:
+    return dict(USE_TMA=tma, DOT_F32=(cc is None and q.dtype == torch.bfloat16),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _fwd_args(P: _Problem, q, k, v, o, lse, cfg: Config, flags: dict) -> dict:
+    bq, bk, bv, bo = _bsh(q, P.packed), _bsh(k, P.packed), _bsh(v, P.packed), _bsh(o, P.packed)
+    return dict(
+        Q=q, K=k, V=v, O=o, LSE=lse, **P.common(q), qk_scale=P.scale * LOG2E,
+        stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
+        stride_vb=bv[0], stride_vs=bv[1], stride_vh=bv[2], stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2],
+        **P.lse_strides(lse), n_heads=P.n_heads, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SCALE_NEG=P.scale < 0,
+        **flags)
+
+
+def _bwd_args(P: _Problem, q, k, v, do, lse, delta, cfg: Config, flags: dict) -> dict:
+    bq, bk, bv, bdo = _bsh(q, P.packed), _bsh(k, P.packed), _bsh(v, P.packed), _bsh(do, P.packed)
+    return dict(
+        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **P.common(q), qk_scale=P.scale * LOG2E, sm_scale=P.scale,
+        stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
+        stride_vb=bv[0], stride_vs=bv[1], stride_vh=bv[2], stride_dob=bdo[0], stride_dos=bdo[1], stride_doh=bdo[2],
+        **P.lse_strides(lse), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
+
+
+def _grid(P: _Problem, block: int, heads: int) -> tuple[int]:
+    return (triton.cdiv(P.seqlen, block) * P.n_batch * heads,)
+
+
+def _lse_empty(q: torch.Tensor, packed: bool) -> torch.Tensor:
+    if packed:
+        return torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    return torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+
+
+def _seq_bucket(P: _Problem) -> int:
+    return triton.next_power_of_2(max(P.seqlen, 1))
+
+
+def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
+    """-> o (q's shape), lse (fp32: (batch, n_heads, seq), or (n_heads, total) when packed)."""
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    packed = cu_seqlens is not None
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = _lse_empty(q, packed)
+    if q.numel() == 0:
+        return o, lse.fill_(float("-inf"))
+    P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
+    cc = _cc(q)
+    tma = use_tma(cc, P.head_dim, cos is not None, q, k, v)
+    if tma and q.is_cuda:
+        _ensure_allocator()
+    flags = _flags(q, cc, tma)
+
+    def run(cfg: Config):
+        _attn_fwd[_grid(P, cfg.block_m, P.n_heads)](**_fwd_args(P, q, k, v, o, lse, cfg, flags),
+                                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, (causal, packed, tma, _seq_bucket(P)), run)
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
+    """-> dq, dk, dv (contiguous, shaped like q, k, v)."""
+    q, k, v, o, do = (_unit_stride(t) for t in (q, k, v, o, do))
+    packed = cu_seqlens is not None
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
+    cc = _cc(q)
+    tma = use_tma(cc, P.head_dim, cos is not None, q, k, v, do, dq)
+    if tma and q.is_cuda:
+        _ensure_allocator()
+    flags = _flags(q, cc, tma)
+    delta = torch.empty_like(lse)
+    # the dq kernel writes q and k rotated; the dk/dv kernel reads them
+    qrot = torch.empty_like(dq) if cos is not None else dq
+    krot = torch.empty_like(dk) if cos is not None else dk
+    bo, bdq, bdk = _bsh(o, packed), _bsh(dq, packed), _bsh(dk, packed)
+
+    def run_dq(cfg: Config):
+        _attn_bwd_dq[_grid(P, cfg.block_m, P.n_heads)](
+            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), O=o, DQ=dq, QROT=qrot, KROT=krot,
+            stride_krb=bdk[0], stride_krs=bdk[1], stride_krh=bdk[2],
+            stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
+            stride_dqh=bdq[2], n_heads=P.n_heads, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def run_dkdv(cfg: Config):
+        _attn_bwd_dkdv[_grid(P, cfg.block_n, P.n_kv)](
+            **_bwd_args(P, qrot if cos is not None else q, krot if cos is not None else k, v, do, lse, delta, cfg,
+                        flags), DK=dk, DV=dv,
+            stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    key = (causal, packed, tma, _seq_bucket(P))
+    _run_tuned("dq", cc, q, P.head_dim, cos is not None, key, run_dq)  # writes delta, read by run_dkdv
+    _run_tuned("dkdv", cc, q, P.head_dim, cos is not None, key, run_dkdv)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------- torch.library registration
+def _on_device(x: torch.Tensor):
+    # Triton launches on the current device (and allocates descriptor scratch there): make it x's.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("meditron_kernels::triton_flash_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+            cu_seqlens: Optional[torch.Tensor], max_seqlen: int, cos: Optional[torch.Tensor],
+            sin: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # max_seqlen 0: unknown, measured from cu_seqlens inside (a host sync a traced graph must not see)
+    with _on_device(q):
+        return attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), _lse_empty(q, cu_seqlens is not None)
+
+
+@torch.library.custom_op("meditron_kernels::triton_flash_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, causal: bool, softmax_scale: float, cu_seqlens: Optional[torch.Tensor],
+            max_seqlen: int, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+            position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _on_device(q):
+        return attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin,
+                                  position_ids)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cos, sin, position_ids)
+    ctx.causal, ctx.softmax_scale, ctx.max_seqlen = causal, softmax_scale, max_seqlen
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, dlse):
+    # lse is an internal output (the public API returns o only); it is marked non-differentiable.
+    q, k, v, o, lse, cu_seqlens, cos, sin, position_ids = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, cu_seqlens, ctx.max_seqlen, cos, sin,
+                         position_ids)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- backend registration
+def _check_kernel_limits(q: torch.Tensor, rotary) -> None:
+    V.kernel_dtype(q, "q", "triton")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"q: backend='triton' supports head_dim up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if rotary is not None and (rotary[0].requires_grad or rotary[1].requires_grad):
+        raise ValueError("rotary: backend='triton' does not differentiate the cos/sin tables; pass them detached")
+
+
+@register("flash_attention", "triton")
+def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
+                    rotary=None, position_ids=None):
+    """Batched: q (batch, seq, n_heads, d), k, v (batch, seq, n_kv_heads, d) -> (batch, seq, n_heads, d).
+    Packed: q (total, n_heads, d), k, v (total, n_kv_heads, d), cu_seqlens (n_docs + 1,) -> (total, n_heads, d)."""
+    _check_kernel_limits(q, rotary)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    cos, sin = rotary if rotary is not None else (None, None)
+    o, _ = _fwd_op(q, k, v, causal, scale, cu_seqlens, max_seqlen or 0, cos, sin, position_ids)
+    return o
+
+
+# ---------------------------------------------------------------------------- static report
+def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int, causal: bool = True,
+              rotary: bool = False) -> list[Launch]:
+    """The three launches of one batched call, configured as they run on ``arch`` (default configs).
+    Tensors live on the meta device: the compiler reads only their dtype and alignment."""
+    meta = dict(dtype=dtype, device="meta")
+    q, o, do = (torch.empty(b, s, h, d, **meta) for _ in range(3))
+    k, v = torch.empty(b, s, hkv, d, **meta), torch.empty(b, s, hkv, d, **meta)
+    lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
+    cos = sin = torch.empty(s, d // 2, dtype=torch.float32, device="meta") if rotary else None
+    P = _Problem(False, b, s, h, hkv, d, causal, 1.0 / math.sqrt(d), None, cos, sin, None)
+    flags = _flags(q, arch, use_tma(arch, d, rotary, q, k, v, do))
+    fwd, dq, kv = (default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv"))
+    return [
+        Launch(f"attention_fwd@sm_{arch}", _attn_fwd, _fwd_args(P, q, k, v, o, lse, fwd, flags),
+               fwd.num_warps, fwd.num_stages, _grid(P, fwd.block_m, h)),
+        Launch(f"attention_bwd_dq@sm_{arch}", _attn_bwd_dq,
+               dict(_bwd_args(P, q, k, v, do, lse, lse, dq, flags), O=o, DQ=q, QROT=do, KROT=k,
+                    stride_krb=k.stride(0), stride_krs=k.stride(1), stride_krh=k.stride(2), stride_ob=o.stride(0),
+                    stride_os=o.stride(1), stride_oh=o.stride(2), stride_dqb=q.stride(0), stride_dqs=q.stride(1),
+                    stride_dqh=q.stride(2), n_heads=h),
+               dq.num_warps, dq.num_stages, _grid(P, dq.block_m, h)),
+        Launch(f"attention_bwd_dkdv@sm_{arch}", _attn_bwd_dkdv,
+               dict(_bwd_args(P, q, k, v, do, lse, lse, kv, flags), DK=k, DV=v, stride_dkb=k.stride(0),
+                    stride_dks=k.stride(1), stride_dkh=k.stride(2), n_kv_heads=hkv),
+               kv.num_warps, kv.num_stages, _grid(P, kv.block_n, hkv)),
+    ]
+
+
+def static_launches(cc: int | None = None) -> list[Launch]:
+    """The forward and backward launches of a Llama-2-70B layer (bf16, 64 query and 8 kv heads,
+    head_dim 128, seq 4096, batch 4, causal), configured as they run on ``cc`` (80 or 90; None: both;
+    each launch's name ends in the architecture it is configured for)."""
+    return [launch for arch in ((80, 90) if cc is None else (cc,))
+            for launch in _launches(arch, torch.bfloat16, 4, 4096, 64, 8, 128)]

@@ -1,0 +1,69 @@
+"""python -m train.export --checkpoint PATH --out DIR: a training checkpoint as a Hugging Face
+Llama directory (config.json + safetensors), loadable by transformers.LlamaForCausalLM.
+
+PATH is a checkpoint directory (``.../checkpoints/step_00001000``) or a run directory, whose
+newest complete checkpoint is taken. Checkpoints of any parallel layout load: DCP reshards
+them into one full model on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from model import Llama, LlamaConfig
+
+from .checkpoint import complete_checkpoints
+
+
+def resolve_checkpoint(path: str) -> str:
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    for candidate in (os.path.join(path, "checkpoints"), path):
+        found = complete_checkpoints(candidate)
+        if found:
+            return found[-1][1]
+    raise FileNotFoundError(f"{path}: no complete checkpoint (a step_XXXXXXXX directory with meta.json) found")
+
+
+def load_model(ckpt_path: str) -> Llama:
+    """The full model of a checkpoint, in float32 on the CPU."""
+    with open(os.path.join(ckpt_path, "meta.json")) as f:
+        meta = json.load(f)
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(**meta["model_config"]))
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=os.path.join(ckpt_path, "state"))
+    model.load_state_dict(state["model"])
+    model.init_rope()
+    return model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory")
+    p.add_argument("--out", required=True, help="output directory for the Hugging Face files")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    args = p.parse_args(argv)
+    try:
+        ckpt_path = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = load_model(ckpt_path)
+    model.save_hf(args.out, max_shard_size=int(args.max_shard_gb * 2**30), dtype=getattr(torch, args.dtype))
+    print(f"exported {ckpt_path} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
