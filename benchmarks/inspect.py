@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import inspect as pyinspect
 import json
 import os
 import pkgutil
@@ -64,53 +63,22 @@ def triton_modules() -> list[str]:
     return out
 
 
-def _launches_by_arch(module, archs) -> dict[int, list]:
-    """A module's launches as configured for each architecture: ``static_launches(cc)`` when it
-    takes the architecture (its configs differ per part), else the same ``static_launches()`` for all."""
-    fn = module.static_launches
-    if "cc" in pyinspect.signature(fn).parameters:
-        return {cc: list(fn(cc)) for cc in archs}
-    launches = list(fn())
-    return {cc: launches for cc in archs}
-
-
 def triton_records(modules=None, archs=ARCHS) -> list[dict]:
-    """Compile every launch of every module for its architectures and read the cubins.
-
-    triton.compile cannot lower the interpreter's functions, so with TRITON_INTERPRET on (as in
-    the tests) the compilation runs in a child process without it."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return _triton_records_in_child(modules, archs)
+    """Compile every launch of every module for each architecture and read the cubins
+    (meditron_kernels._static.module_reports: in a child process when the interpreter is on)."""
     records = []
     for name in modules if modules is not None else triton_modules():
         try:
-            mod = importlib.import_module(f"meditron_kernels.ops.{name}")
-            recs = [_static.report(launch, cc) for cc, launches in _launches_by_arch(mod, archs).items()
-                    for launch in launches]
+            reports = _static.module_reports(f"meditron_kernels.ops.{name}", tuple(archs))
         except Exception as e:  # noqa: BLE001 (report the failure, carry on with the others)
             records.append(dict(kernel=f"{name} (all launches)", arch=",".join(f"sm_{a}" for a in archs),
                                 source=f"triton:{name}", error=f"{type(e).__name__}: {str(e).strip()[-1500:]}"))
             continue
-        for rec in recs:
+        for rec in reports.values():
             cc = int(rec["arch"].split("_")[1])
             rec.update(source=f"triton:{name}", max_warps_by_registers=max_warps_by_registers(rec["registers"], cc))
             records.append(rec)
     return records
-
-
-def _triton_records_in_child(modules, archs) -> list[dict]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "records.json")
-        cmd = [sys.executable, "-m", "benchmarks.inspect", "--no-csrc", "--json", path,
-               "--arch", ",".join(map(str, archs))] + (["--modules", ",".join(modules)] if modules else [])
-        out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
-        if not os.path.exists(path):
-            raise RuntimeError(f"static compilation failed (exit {out.returncode}):\n{out.stdout[-2000:]}{out.stderr[-4000:]}")
-        with open(path) as f:
-            return json.load(f)
 
 
 # ---------------------------------------------------------------------------- csrc

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import gc
 import math
-import os
 import sys
 import time
 
