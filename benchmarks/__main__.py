@@ -224,8 +224,11 @@ def main(argv=None) -> int:
             print("\n--plot: % of floor is a GPU figure; nothing to plot on the CPU.")
         else:
             out_dir = os.path.dirname(written or default_json_path(env)) if args.plot == "auto" else args.plot
-            for path in plot(rows, out_dir, f"{env['device_slug']}-{env['date']}"):
-                print(f"wrote {path}")
+            try:
+                for path in plot(rows, out_dir, f"{env['device_slug']}-{env['date']}"):
+                    print(f"wrote {path}")
+            except ImportError as e:
+                print(f"\n--plot needs matplotlib ({e}); the JSON has every number.")
     if env["device_type"] != "cuda" and not args.no_train_step:
         from . import train_step
 

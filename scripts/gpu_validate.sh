@@ -9,7 +9,8 @@
 #   phase 1, CPU work while the GPU runs the training-step benchmark:
 #     - builds the CUDA extension in place for this GPU's architecture, unless already built
 #     - the static kernel report (python -m benchmarks.inspect --json)
-#     - the test suite with the GPU hidden (the Triton interpreter path, as CI runs it)
+#     - the test suite with the GPU hidden (the Triton interpreter path, as CI runs it), one pytest
+#       process per test file, half the cores at a time
 #     - on the GPU meanwhile: python -m benchmarks.train_step (long kernels, little CPU need)
 #   phase 2, the machine otherwise idle, so the kernel timings are clean:
 #     - the tests that use the GPU (files that check for a CUDA device or the extension), GPU visible
@@ -83,10 +84,36 @@ else
 fi
 (run_phase inspect 360 "$PY" -m benchmarks.inspect --json "$RES/static-$DATE.json") &
 INSPECT_PID=$!
-# The static report runs above; the suite's copy of it is skipped here.
+# One pytest process per test file, several at a time (the interpreter runs on one core), largest
+# files first. The static report runs above; the suite's copy of it is skipped here.
+PARALLEL_PYTEST='
+import concurrent.futures as cf, glob, os, subprocess, sys
+logdir, jobs, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+files = [f for p in paths for f in (glob.glob(os.path.join(p, "**", "test_*.py"), recursive=True)
+                                    if os.path.isdir(p) else [p])
+         if not f.endswith(os.path.join("benchmarks", "test_inspect.py"))]
+files.sort(key=os.path.getsize, reverse=True)
+os.makedirs(logdir, exist_ok=True)
+def one(f):
+    log = os.path.join(logdir, f.replace(os.sep, "_") + ".log")
+    with open(log, "w") as out:
+        rc = subprocess.run([sys.executable, "-m", "pytest", f, "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"],
+                            stdout=out, stderr=subprocess.STDOUT).returncode
+    with open(log) as fh:
+        lines = fh.read().strip().splitlines()
+    return f, rc, lines[-1] if lines else ""
+bad = 0
+with cf.ThreadPoolExecutor(jobs) as pool:
+    for f, rc, last in pool.map(one, files):
+        print(f"exit {rc:3}  {f}: {last}", flush=True)
+        bad += rc not in (0, 5)  # 5: nothing collected
+print(f"{len(files)} test files, {bad} failing")
+sys.exit(1 if bad else 0)
+'
+JOBS=$(( NCPU >= 8 ? NCPU / 2 : 2 ))
 # shellcheck disable=SC2086
-(CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=4 run_phase tests_cpu 420 "$PY" -m pytest ${TEST_PATHS:-tests} -q \
-    -p no:cacheprovider --ignore=tests/benchmarks/test_inspect.py -o addopts="-ra") &
+(CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=2 run_phase tests_cpu 420 "$PY" -c "$PARALLEL_PYTEST" "$OUT/tests_cpu" "$JOBS" \
+    ${TEST_PATHS:-tests}) &
 TESTS_PID=$!
 
 # shellcheck disable=SC2086
@@ -124,8 +151,9 @@ run_phase benchmarks $((BUDGET + 90)) "$PY" -m benchmarks --json --plot --budget
         [ "$rc" != 0 ] && status=1
         printf "  %-11s %-18s %4s s   %s\n" "$name" "$verdict" "$secs" "$OUT/$name.log"
     done
-    echo "  last lines of the test runs:"
-    for name in tests_cpu tests_gpu; do [ -f "$OUT/$name.log" ] && tail -1 "$OUT/$name.log" | sed "s/^/    $name: /"; done
+    echo "  test runs:"
+    [ -f "$OUT/tests_cpu.log" ] && grep -v "^exit   0 " "$OUT/tests_cpu.log" | sed "s/^/    tests_cpu: /"
+    [ -f "$OUT/tests_gpu.log" ] && tail -1 "$OUT/tests_gpu.log" | sed "s/^/    tests_gpu: /"
     echo "results: $(ls "$RES"/*"$DATE"*.json "$RES"/*"$DATE"*.png 2>/dev/null | tr '\n' ' ')"
     exit $status
 } | tee "$OUT/summary.txt"
