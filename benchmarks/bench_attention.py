@@ -1,0 +1,127 @@
+"""Exact attention with GQA: ours against SDPA's flash (FlashAttention-2), memory-efficient and
+cuDNN backends, at 16k tokens.
+
+FLOP model (CONVENTIONS §5): forward 4 b s^2 h d (two matmuls of 2 b s^2 h d), halved for
+causal; backward 2.5x the forward (five matmuls, one of them recomputing the scores); both 3.5x.
+Attention is compute-bound at these shapes, so the floor is FLOPs over the measured bf16 GEMM
+peak. The bytes (q, k, v, o and the per-row log-sum-exp; in the backward also do, dq, dk, dv)
+are recorded for completeness.
+
+The PyTorch reference materialises the (s x s) scores in float32; where that cannot fit it is
+skipped with the size it would need, and the speed-up column stays empty.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import meditron_kernels as mk
+from meditron_kernels import reference
+
+from . import providers as P
+from .common import Case, Cost, Provider, randn
+
+OP = "flash_attention"
+# (label, batch, seq, heads, kv_heads, head_dim, causal)
+SHAPES = {
+    "full": [("7b", 4, 4096, 32, 32, 128, True), ("70b", 4, 4096, 64, 8, 128, True),
+             ("7b 16k", 1, 16384, 32, 32, 128, True), ("7b non-causal", 4, 4096, 32, 32, 128, False),
+             ("small d64", 8, 2048, 16, 16, 64, True)],
+    "quick": [("7b", 4, 4096, 32, 32, 128, True)],
+    "cpu": [("cpu", 1, 256, 8, 2, 64, True)],
+    "smoke": [("smoke", 1, 16, 4, 2, 16, True)],
+}
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
+
+
+def flops(direction: str, b: int, s: int, h: int, d: int, causal: bool) -> float:
+    fwd = 4.0 * b * s * s * h * d / (2 if causal else 1)
+    return {"forward": fwd, "backward": 2.5 * fwd, "both": 3.5 * fwd}[direction]
+
+
+def bytes_moved(direction: str, b: int, s: int, h: int, hkv: int, d: int, e: int) -> int:
+    q = b * s * h * d * e
+    kv = b * s * hkv * d * e
+    lse = 4 * b * h * s
+    fwd = 2 * q + 2 * kv + lse                 # read q, k, v; write o, lse
+    bwd = 4 * q + 4 * kv + lse                 # read q, k, v, o, do, lse; write dq, dk, dv
+    return {"forward": fwd, "backward": bwd, "both": fwd + bwd}[direction]
+
+
+def _reference_bytes(b: int, s: int, h: int) -> float:
+    # float32 scores, their masked copy and softmax, the probabilities in the input dtype and
+    # the backward's matching temporaries: about 16 bytes per score, for two retained graphs.
+    return 2 * 16.0 * b * h * s * s
+
+
+def _fits(need: float):
+    def why_not(device):
+        if device.type != "cuda":
+            return None
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > 0.7 * free:
+            return f"materialises the (s x s) scores: needs ~{need / 1e9:.0f} GB, {free / 1e9:.0f} GB free"
+        return None
+
+    return why_not
+
+
+def sdpa(name: str, causal: bool) -> Provider:
+    """SDPA pinned to one backend. GQA goes through ``enable_gqa``; a backend that refuses it gets
+    k and v expanded to all heads inside the timed call, which is what a model would have to do."""
+    prov = Provider(name, lambda inputs: None)
+
+    def call(inputs):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+        q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k", "v"))  # (b, h, s, d) views
+        group = q.shape[1] // k.shape[1]
+        with sdpa_kernel([backend]):
+            if group > 1 and not prov.note:
+                try:
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True).transpose(1, 2)
+                except RuntimeError:
+                    prov.note = "k/v expanded to all heads (no GQA in this backend)"
+            if group > 1:
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
+
+    def why_not(device):
+        if device.type != "cuda" and name != "sdpa-flash":
+            return f"{name} is a CUDA kernel"
+        return None
+
+    prov.fn, prov.why_not = call, why_not
+    return prov
+
+
+def cases(size: str, dtype):
+    out = []
+    for label, b, s, h, hkv, d, causal in SHAPES[size]:
+        def make(device, dt, gen, b=b, s=s, h=h, hkv=hkv, d=d):
+            return dict(q=randn((b, s, h, d), dt, device, gen, grad=True),
+                        k=randn((b, s, hkv, d), dt, device, gen, grad=True),
+                        v=randn((b, s, hkv, d), dt, device, gen, grad=True))
+
+        def call(inputs, backend, causal=causal):
+            return mk.flash_attention(inputs["q"], inputs["k"], inputs["v"], causal=causal, backend=backend)
+
+        def ref(inputs, causal=causal):
+            return reference.flash_attention(inputs["q"], inputs["k"], inputs["v"], causal)
+
+        ref_fits = _fits(_reference_bytes(b, s, h))
+        eager = P.eager(call)
+        eager.why_not = ref_fits
+        comp = P.compiled(reference.flash_attention, lambda f, i, causal=causal: f(i["q"], i["k"], i["v"], causal))
+        comp.why_not = ref_fits
+        out.append(Case(
+            op=OP, shape=f"{label} {b}x{s} h{h}/{hkv} d{d}" + ("" if causal else " full"),
+            dims=dict(batch=b, seq=s, heads=h, kv_heads=hkv, head_dim=d, causal=int(causal)), dtype=dtype, make=make,
+            cost=lambda dr, b=b, s=s, h=h, hkv=hkv, d=d, causal=causal, e=dtype.itemsize: Cost(
+                bytes=bytes_moved(dr, b, s, h, hkv, d, e), flops=flops(dr, b, s, h, d, causal)),
+            reference=ref,
+            providers=[P.ours(OP, "triton", call), P.ours(OP, "cuda", call), eager, comp,
+                       *(sdpa(n, causal) for n in SDPA_BACKENDS)],
+            check_bytes=_reference_bytes(b, s, h) * 1.5))
+    return out
