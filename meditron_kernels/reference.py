@@ -159,10 +159,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return loss.float()
 
 
+MIN_CHUNK_TOKENS = 1024
+
+
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk so one chunk's logits are about the size of the hidden states."""
+    """Tokens per chunk so one chunk's logits are about the size of the hidden states, but at
+    least MIN_CHUNK_TOKENS: thinner chunks make the GEMMs too small to run efficiently, while
+    1024 x 32000 fp32 logits are only 131 MB."""
     n_chunks = max(1, math.ceil(vocab / hidden))
-    return max(1, math.ceil(n_tokens / n_chunks))
+    return max(1, min(n_tokens, max(MIN_CHUNK_TOKENS, math.ceil(n_tokens / n_chunks))))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

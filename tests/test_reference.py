@@ -181,3 +181,11 @@ def test_fused_linear_cross_entropy_without_grad():
     with torch.no_grad():
         loss = mk.fused_linear_cross_entropy(h, w, t)
     assert abs(loss.item() - torch.nn.functional.cross_entropy(h @ w.t(), t).item()) < 1e-5
+
+
+def test_default_chunk_size():
+    # 16k tokens of Llama-2-70B: 4 chunks of about the hidden states' size
+    assert R.default_chunk_size(16384, 8192, 32000) == 4096
+    # a thin model never drops below 1024-token GEMMs, nor above the batch
+    assert R.default_chunk_size(4096, 256, 32000) == 1024
+    assert R.default_chunk_size(100, 256, 32000) == 100
