@@ -111,7 +111,16 @@ def make_layout(cfg, device: torch.device) -> Layout:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "MASTER_ADDR" in os.environ or world > 1:
-            dist.init_process_group(backend)
+            # torchrun shares its rendezvous store with the workers and keeps it across
+            # restarts; keys a dead attempt left there (gloo's peer addresses) are read by the
+            # next one, which then connects to a dead port (1 restart in 3 failed so on the
+            # CPU). With one agent (one node) every worker has the same restart count, so it
+            # names a fresh namespace. Agents on several nodes count restarts each for itself:
+            # there, launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a new store per round).
+            store, rank, size = next(dist.rendezvous("env://"))
+            if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
+                store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size)
         else:  # a lone process: an in-memory store, no port to pick
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world = dist.get_world_size()
@@ -508,16 +517,32 @@ def _local_and_weight(g: torch.Tensor) -> tuple[torch.Tensor, float]:
     return g.to_local(), 1.0 / copies
 
 
+@torch.no_grad()
 def settle_partial_grads(parts: list[nn.Module]) -> None:
-    """Turn gradients left Partial (norm weights under sequence parallelism, replicated kv
-    projections) into their parameter's placement, when FSDP is not there to do it."""
+    """Sum the gradients left Partial over tp (norm weights under sequence parallelism,
+    replicated kv projections) into their parameters' placement, when FSDP is not there to
+    do it: one all-reduce for all of them rather than one per parameter."""
     from torch.distributed.tensor import DTensor, Partial
 
+    pending = []
     for part in parts:
         for p in part.parameters():
             g = p.grad
             if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
-                p.grad = g.redistribute(g.device_mesh, p.placements)
+                pending.append((p, g))
+    if not pending:
+        return
+    mesh = pending[0][1].device_mesh
+    simple = all(g.device_mesh == mesh and g.placements == (Partial("sum"),) for _, g in pending)
+    if not simple:  # not a layout this module makes; let DTensor do it one by one
+        for p, g in pending:
+            p.grad = g.redistribute(g.device_mesh, p.placements)
+        return
+    locals_ = [g.to_local() for _, g in pending]
+    flat = torch.cat([t.reshape(-1) for t in locals_])
+    dist.all_reduce(flat, group=mesh.get_group())
+    for (p, _), t, piece in zip(pending, locals_, flat.split([t.numel() for t in locals_])):
+        p.grad = DTensor.from_local(piece.view_as(t), mesh, p.placements, run_check=False)
 
 
 @torch.no_grad()
