@@ -274,6 +274,10 @@ def validate_parallel(cfg: Config, world_size: int, model_cfg) -> None:
     if tp > 1 and p.sequence_parallel and t.seq_len % tp:
         raise ConfigError(f"training.seq_len ({t.seq_len}) is not divisible by parallel.tp ({tp}), "
                           "as parallel.sequence_parallel needs")
+    if tp > 1 and t.compile:
+        raise ConfigError(f"training.compile with parallel.tp = {tp} is not supported: the compiled blocks' backward "
+                          "hands plain tensors to DTensor's redistribution (torch 2.13, CPU); compile with "
+                          "pipeline or data parallelism only")
     if pp == 1 and v > 1:
         raise ConfigError(f"parallel.virtual_stages ({v}) > 1 needs pipeline parallelism (parallel.pp > 1)")
     if pp > 1:

@@ -77,6 +77,18 @@ def reference(tmp_path_factory):
     return out, rows
 
 
+@pytest.fixture(scope="module")
+def hf_start(reference, tmp_path_factory):
+    """An HF directory (the reference's step-2 weights) and the one-process run started from it."""
+    from train.export import main as export_main
+
+    hf = tmp_path_factory.mktemp("hf")
+    assert export_main(["--checkpoint", str(reference[0] / "checkpoints" / "step_00000002"), "--out", str(hf),
+                        "--dtype", "float32"]) == 0
+    rows = single(tmp_path_factory.mktemp("from-hf"), f"--model.init_from_hf={hf}")
+    return hf, rows
+
+
 # ---------------------------------------------------------------------------- world 2
 WORLD2 = {
     "tp2": ["--parallel.tp=2"],
@@ -92,17 +104,26 @@ WORLD2 = {
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory):
+def world2(tmp_path_factory, hf_start):
     tmp = tmp_path_factory.mktemp("world2")
-    run_job(2, [{"out_dir": str(tmp / name), "args": BASE + args} for name, args in WORLD2.items()], tmp)
+    runs = [{"out_dir": str(tmp / name), "args": BASE + args} for name, args in WORLD2.items()]
+    runs.append({"out_dir": str(tmp / "tp2-from-hf"),
+                 "args": BASE + ["--parallel.tp=2", f"--model.init_from_hf={hf_start[0]}"]})
+    run_job(2, runs, tmp)
     return tmp
 
 
-@pytest.mark.parametrize("layout", list(WORLD2))
 @pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(WORLD2))
 def test_world2_layouts_match_one_process(world2, reference, layout):
     _, ref = reference
     assert_same_curve(read_metrics(world2 / layout), ref[:STEPS])
+
+
+@pytest.mark.distributed
+def test_tp2_continued_pretraining_from_hf(world2, hf_start):
+    """--model.init_from_hf loads each rank's slices straight from the safetensors."""
+    assert_same_curve(read_metrics(world2 / "tp2-from-hf"), hf_start[1])
 
 
 # ---------------------------------------------------------------------------- world 4
@@ -235,6 +256,7 @@ def test_startup_errors_of_the_world(world, changes, match):
     (2, dict(parallel__pp=2, training__global_batch=2, training__micro_batch=2), r"1 micro batches per step, "
                                                                                    r"fewer than parallel.pp \(2\)"),
     (2, dict(parallel__tp=2, training__seq_len=33), r"training.seq_len \(33\) is not divisible by parallel.tp"),
+    (2, dict(parallel__tp=2, training__compile=True), r"training.compile with parallel.tp = 2 is not supported"),
 ])
 def test_startup_errors_of_the_model(world, changes, match):
     from model import LlamaConfig
@@ -243,6 +265,17 @@ def test_startup_errors_of_the_model(world, changes, match):
     validate(cfg, world_size=world)
     with pytest.raises(ConfigError, match=match):
         validate_parallel(cfg, world, LlamaConfig.from_name("tiny"))
+
+
+@pytest.mark.parametrize("name", ["meditron-7b", "meditron-70b"])
+def test_meditron_presets_pass_the_layout_checks(name):
+    from train.config import CONFIG_DIR
+    from train.trainer import model_config
+
+    cfg, _ = parse_args(["--config", os.path.join(CONFIG_DIR, f"{name}.toml")])
+    world = (2 if name == "meditron-70b" else 64) * cfg.parallel.tp * cfg.parallel.pp
+    validate(cfg, world)
+    validate_parallel(cfg, world, model_config(cfg))
 
 
 def test_kv_heads_that_fit_no_layout_are_rejected():
