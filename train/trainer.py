@@ -297,6 +297,11 @@ class Engine:
             self.schedule = par.build_schedule(
                 self.parts, self.stage_ids, self.n_stages, layout, self.accum, t.micro_batch, t.seq_len,
                 act_dtype, self._pipeline_loss, device, p.pp_schedule)
+        # ZBV's eval() still schedules backward actions on forward-only stages and fails (torch
+        # 2.13), and older torch has no eval(): there, validation runs the training schedule
+        # and drops the gradients.
+        self.forward_only_eval = (self.schedule is not None and hasattr(self.schedule, "eval")
+                                  and p.pp_schedule != "zbv")
         self.has_first = 0 in self.stage_ids
         self.has_last = self.n_stages - 1 in self.stage_ids
         # ranks whose loss counts towards the logged mean: one per dp replica
@@ -389,8 +394,17 @@ class Engine:
                 micros = [make_batch(val, (g * self.accum + i) * t.micro_batch, t.micro_batch, self.cfg.data.pack)
                           for i in range(self.accum)]
                 args, target, kwargs = self._pipeline_inputs(micros)
+                group: list[torch.Tensor] = []  # the schedule clears the list it is given
                 with self.loss_ctx(), self.autocast():
-                    self.schedule.eval(*args, target=target, losses=losses if self.has_last else None, **kwargs)
+                    if self.forward_only_eval:
+                        self.schedule.eval(*args, target=target, losses=group if self.has_last else None, **kwargs)
+                    else:
+                        with torch.enable_grad():
+                            par.schedule_step(self.schedule, *args, target=target,
+                                              losses=group if self.has_last else None, **kwargs)
+                        for part in self.parts:
+                            part.zero_grad(set_to_none=True)
+                losses += group
             mean = (torch.stack([_local(x).float() for x in losses]).mean() if self.has_last
                     else torch.zeros((), device=self.device))
             # the last stage's holder (tp rank 0, dp rank 0) speaks for everyone

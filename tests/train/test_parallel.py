@@ -21,11 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RUNNER = os.path.join(ROOT, "tests", "train", "dist_runs.py")
 
 # One configuration for every layout: 4 sequences of 32 tokens per step in micro batches of 1,
-# so dp 2 accumulates 2 micro batches and a 2-stage pipeline has 4 (or 2) to schedule. The
-# schedule's horizon is pinned (decay_steps) so runs of different lengths share it.
+# so dp 2 accumulates 2 micro batches and a 2-stage pipeline has 4 (or 2) to schedule; the 4
+# validation batches fill whole pipeline rounds either way. The LR schedule's horizon is
+# pinned (decay_steps) so runs of different lengths share it.
 BASE = ["--training.seq_len=32", "--training.micro_batch=1", "--training.global_batch=4",
         "--training.warmup_steps=1", "--training.decay_steps=3", "--metrics.log_interval=1",
-        "--eval.interval=0", "--checkpoint.interval=0", "--steps", "3"]
+        "--eval.interval=3", "--eval.batches=4", "--checkpoint.interval=0", "--steps", "3"]
 STEPS = 3
 REL = 1e-5
 
@@ -63,7 +64,10 @@ def assert_same_curve(rows, ref, steps=None):
         if r["step"] not in by_step:
             continue
         got = by_step[r["step"]]
-        for key in ("loss", "grad_norm"):
+        assert ("val_loss" in got) == ("val_loss" in r), r["step"]
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key not in r:
+                continue
             assert math.isfinite(got[key])
             assert abs(got[key] - r[key]) <= REL * abs(r[key]), (r["step"], key, got[key], r[key])
 
