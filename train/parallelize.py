@@ -15,9 +15,10 @@ row-parallel, so the attention and SwiGLU ops see plain local tensors holding n_
 (or ffn_dim / tp columns) and never gather anything. With sequence parallelism the residual
 stream between blocks is the local (batch, seq / tp, dim) slice, and the norms run our RMSNorm op
 on it; their weight is a Replicate DTensor whose gradient is labelled Partial (each rank saw
-only its slice of the sequence), which torch reduces. The embedding is vocab-parallel and the
-head column-parallel over the vocabulary; the loss is torch's ``loss_parallel`` cross-entropy on
-the vocab-sharded logits, so the full logits never exist on one rank.
+only its slice of the sequence) and summed over tp by FSDP or by settle_partial_grads. The
+embedding is vocab-parallel and the head column-parallel over the vocabulary; the loss is
+torch's ``loss_parallel`` cross-entropy on the vocab-sharded logits, so the full logits never
+exist on one rank.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ import types
 import torch
 import torch.distributed as dist
 from torch import nn
+
+import meditron_kernels as mk
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -192,10 +195,11 @@ def kv_layout(n_heads: int, n_kv_heads: int, tp: int) -> str:
 
 
 def _norm_forward(self, x, residual=None):
-    # Runs the RMSNorm op on local tensors. SequenceParallel's input hook hands x over as a
-    # Shard(1) DTensor; the residual stream arrives as the local slice. The weight's gradient
-    # is this rank's share of a sum over tokens: Partial under sequence parallelism (torch
-    # all-reduces it into the Replicate parameter's gradient), Replicate without.
+    # Runs the RMSNorm op on local tensors, so no op needs a DTensor sharding rule whatever the
+    # backend. SequenceParallel's input hook hands x over as a Shard(1) DTensor; the residual
+    # stream arrives as the local slice. The weight's gradient is this rank's share of a sum
+    # over tokens: labelled Partial under sequence parallelism (FSDP, or settle_partial_grads,
+    # sums it over tp), Replicate without (every rank saw every token).
     from torch.distributed.tensor import DTensor
 
     if isinstance(x, DTensor):
@@ -203,8 +207,6 @@ def _norm_forward(self, x, residual=None):
     if isinstance(residual, DTensor):
         residual = residual.to_local()
     w = self.weight.to_local(grad_placements=self._tp_grad_placements)
-    import meditron_kernels as mk
-
     return mk.rms_norm(x, w, self.eps, residual=residual, backend=self.backend)
 
 

@@ -7,7 +7,6 @@ file pays for few process start-ups.
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
