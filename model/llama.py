@@ -132,7 +132,9 @@ class TransformerBlock(nn.Module):
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, position_ids=None):
         # x (batch, seq, dim) is the residual stream
         a = self.attention(self.attention_norm(x), rope, cu_seqlens, max_seqlen, position_ids)
-        y, h = self.ffn_norm(a, residual=x)  # h = x + a, y = rms_norm(h): one pass instead of two
+        # h = x + a, y = rms_norm(h): one pass instead of two. Under autocast the attention output is
+        # bf16 while the residual stream stays in its own dtype (float32): the add happens there.
+        y, h = self.ffn_norm(a.to(x.dtype), residual=x)
         return h + self.feed_forward(y)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 _NAME = re.compile(r"step_(\d{8})")
 
@@ -48,6 +48,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _pairs(model_parts, optimizer):
+    """(module, its optimizer) pairs: one optimizer per model part (a pipeline rank may hold
+    several stages), as train.trainer.PartOptimizers keeps them."""
+    opts = list(getattr(optimizer, "optimizers", [optimizer]))
+    if len(opts) != len(model_parts):
+        raise ValueError(f"{len(model_parts)} model parts but {len(opts)} optimizers")
+    return list(zip(model_parts, opts))
+
+
+def state_dicts(model_parts, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state of every part, merged and keyed by parameter name.
+
+    The optimizer state is flattened ("state.<fqn>.exp_avg", ...), so the keys do not depend on
+    how parameters are split into parts: any layout can load what any other saved."""
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    msd, osd = {}, {}
+    for part, opt in _pairs(model_parts, optimizer):
+        m, o = get_state_dict(part, opt, options=options)
+        msd.update(m)
+        osd.update(o)
+    return msd, osd
+
+
+def set_state_dicts(model_parts, optimizer, msd: dict, osd: dict) -> None:
+    options = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+    for part, opt in _pairs(model_parts, optimizer):
+        set_state_dict(part, opt, model_state_dict=msd, optim_state_dict=osd, options=options)
+
+
 def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every complete checkpoint, oldest first."""
     if not os.path.isdir(ckpt_dir):
@@ -71,8 +100,7 @@ def save(ckpt_dir: str, step: int, model, optimizer, scheduler, meta: dict, keep
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    models = model_parts if model_parts is not None else [model]
-    msd, osd = get_state_dict(models if len(models) > 1 else models[0], optimizer)
+    msd, osd = state_dicts(model_parts if model_parts is not None else [model], optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "state"))
@@ -90,18 +118,26 @@ def save(ckpt_dir: str, step: int, model, optimizer, scheduler, meta: dict, keep
     return final
 
 
-def load(path: str, model, optimizer, scheduler, model_parts=None, load_rng: bool = True) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; -> its meta dict."""
+def load(path: str, model, optimizer, scheduler, model_parts=None, load_rng: bool = True,
+         layout: dict | None = None) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; -> its meta dict.
+
+    DCP reshards the model and optimizer into whatever layout is loading them. ``layout`` is the
+    loader's (world, pp, dp, tp): when it differs from the saver's, rank r of the new job is not
+    the old rank r, so RNG states are not restored (the scheduler, equal on every rank, is).
+    """
     models = model_parts if model_parts is not None else [model]
-    target = models if len(models) > 1 else models[0]
-    msd, osd = get_state_dict(target, optimizer)
+    msd, osd = state_dicts(models, optimizer)
     state = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=os.path.join(path, "state"))
-    set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dicts(models, optimizer, state["model"], state["optim"])
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
+    saved = meta.get("layout", dict(world=1, pp=1, dp=1, tp=1))
+    if layout is not None and saved != layout:
+        load_rng = False
     extra_path = os.path.join(path, f"extra_rank{_rank()}.pt")
     if not os.path.exists(extra_path):  # resuming with more ranks than saved: rank 0's scheduler
         extra_path = os.path.join(path, "extra_rank0.pt")

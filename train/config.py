@@ -257,6 +257,61 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"metrics.log_interval must be >= 1, got {cfg.metrics.log_interval}")
 
 
+def validate_parallel(cfg: Config, world_size: int, model_cfg) -> None:
+    """Checks of the parallel layout against the model's shape (a LlamaConfig), before any
+    process group or weight exists; each error names the values involved."""
+    p, t = cfg.parallel, cfg.training
+    tp, pp, v = p.tp, p.pp, p.virtual_stages
+    m = model_cfg
+    if m.n_heads % tp:
+        raise ConfigError(f"the model's n_heads ({m.n_heads}) is not divisible by parallel.tp ({tp})")
+    if tp > 1 and m.n_kv_heads % tp and tp % m.n_kv_heads:
+        raise ConfigError(f"the model's n_kv_heads ({m.n_kv_heads}) and parallel.tp ({tp}): one must divide "
+                          "the other (kv heads are split across tp ranks, or replicated when tp > n_kv_heads)")
+    for name in ("ffn_dim", "vocab_size"):
+        if getattr(m, name) % tp:
+            raise ConfigError(f"the model's {name} ({getattr(m, name)}) is not divisible by parallel.tp ({tp})")
+    if tp > 1 and p.sequence_parallel and t.seq_len % tp:
+        raise ConfigError(f"training.seq_len ({t.seq_len}) is not divisible by parallel.tp ({tp}), "
+                          "as parallel.sequence_parallel needs")
+    if tp > 1 and t.compile:
+        raise ConfigError(f"training.compile with parallel.tp = {tp} is not supported: the compiled blocks' backward "
+                          "hands plain tensors to DTensor's redistribution (torch 2.13, CPU); compile with "
+                          "pipeline or data parallelism only")
+    if pp == 1 and v > 1:
+        raise ConfigError(f"parallel.virtual_stages ({v}) > 1 needs pipeline parallelism (parallel.pp > 1)")
+    if pp > 1:
+        s = p.pp_schedule
+        if s in ("1f1b", "gpipe") and v != 1:
+            raise ConfigError(f"parallel.pp_schedule = {s!r} runs one stage per rank; parallel.virtual_stages "
+                              f"must be 1, got {v} (use 'interleaved-1f1b' or 'zbv')")
+        if s == "interleaved-1f1b" and v < 2:
+            raise ConfigError("parallel.pp_schedule = 'interleaved-1f1b' needs parallel.virtual_stages >= 2, "
+                              f"got {v}")
+        if s == "zbv" and v != 2:
+            raise ConfigError(f"parallel.pp_schedule = 'zbv' runs exactly 2 stages per rank: set "
+                              f"parallel.virtual_stages = 2, got {v}")
+        if s == "zbv" and t.compile:
+            raise ConfigError("parallel.pp_schedule = 'zbv' does not work with training.compile "
+                              "(its split backward runs outside torch.compile)")
+    stages = pp * v
+    if m.n_layers < stages:
+        raise ConfigError(f"the model has {m.n_layers} layers, fewer than the pipeline stages parallel.pp x "
+                          f"parallel.virtual_stages = {pp} x {v} = {stages}")
+    if pp > 1 and world_size % (tp * pp) == 0:
+        dp = world_size // (tp * pp)
+        if t.global_batch % (t.micro_batch * dp) == 0:
+            n_micro = t.global_batch // (t.micro_batch * dp)
+            if n_micro < pp:
+                raise ConfigError(f"training.global_batch / (training.micro_batch x dp) = {t.global_batch} / "
+                                  f"({t.micro_batch} x {dp}) = {n_micro} micro batches per step, fewer than "
+                                  f"parallel.pp ({pp}): the pipeline needs at least one per stage")
+            if p.pp_schedule in ("interleaved-1f1b", "zbv") and n_micro % pp:
+                raise ConfigError(f"parallel.pp_schedule = {p.pp_schedule!r} needs the micro batches per step "
+                                  f"({n_micro} = training.global_batch / (training.micro_batch x dp)) to be a "
+                                  f"multiple of parallel.pp ({pp})")
+
+
 def parse_args(argv: list[str]) -> tuple[Config, dict]:
     """-> (config, flags) where flags holds resume / init_from_hf given on the command line.
 

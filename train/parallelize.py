@@ -1,16 +1,43 @@
 """Parallelism and memory/speed wrappers, applied to the plain model from outside.
 
-The model (model/llama.py) knows nothing of these: activation checkpointing and
-torch.compile wrap its blocks here.
+The model (model/llama.py) knows nothing of these. This module:
+
+- builds the DeviceMesh (pp, dp, tp) and cuts the model into pipeline stages by layer count;
+- applies tensor and sequence parallelism with torch.distributed.tensor.parallel;
+- initialises weights so that every layout starts from the same numbers as one process;
+- applies FSDP2 (``fully_shard``) or plain replication over dp, with the bf16 policy;
+- builds the torch.distributed.pipelining schedule;
+- computes the global gradient norm over every shard and stage;
+- wraps blocks in activation checkpointing and torch.compile.
+
+Tensor parallelism follows Megatron's layout. wq/wk/wv/w1/w3 are column-parallel and wo/w2
+row-parallel, so the attention and SwiGLU ops see plain local tensors holding n_heads / tp heads
+(or ffn_dim / tp columns) and never gather anything. With sequence parallelism the residual
+stream between blocks is the local (batch, seq / tp, dim) slice, and the norms run our RMSNorm op
+on it; their weight is a Replicate DTensor whose gradient is labelled Partial (each rank saw
+only its slice of the sequence) and summed over tp by FSDP or by settle_partial_grads. The
+embedding is vocab-parallel and the head column-parallel over the vocabulary; the loss is
+torch's ``loss_parallel`` cross-entropy on the vocab-sharded logits, so the full logits never
+exist on one rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import math
+import os
+import types
 
 import torch
+import torch.distributed as dist
+from torch import nn
+
+import meditron_kernels as mk
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+# ------------------------------------------------------------------------ activation checkpointing
 # Selective recompute keeps what is expensive to redo (matmuls, attention) and recomputes the
 # cheap elementwise and normalisation ops, whose outputs are as large as a matmul's.
 _SAVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -45,3 +72,511 @@ def apply_compile(model: torch.nn.Module) -> None:
     """torch.compile each transformer block (blocks share code, so they share compiled graphs)."""
     for key, block in list(model.layers.items()):
         model.layers[key] = torch.compile(block, fullgraph=True)
+
+
+# ------------------------------------------------------------------------ layout
+@dataclasses.dataclass
+class Layout:
+    """Where this process sits in the (pp, dp, tp) grid. Ranks are laid out tp-fastest, so a
+    tensor-parallel group is a run of adjacent ranks (one node's NVLink domain)."""
+    world: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp: int = 1
+    pp_rank: int = 0
+    dp_rank: int = 0
+    tp_rank: int = 0
+    sequence_parallel: bool = False
+    mesh: object = None              # DeviceMesh with dims ("pp", "dp", "tp"), None single-process
+    distributed: bool = False        # a process group is in use (also a 1-rank one for bf16 params)
+
+    def group(self, dim: str):
+        return self.mesh[dim].get_group() if self.mesh is not None else None
+
+    def as_dict(self) -> dict:
+        return dict(world=self.world, pp=self.pp, dp=self.dp, tp=self.tp)
+
+
+def make_layout(cfg, device: torch.device) -> Layout:
+    """Join (or create) the process group and build the mesh for cfg.parallel.
+
+    Under torchrun (WORLD_SIZE set) this joins the job's group: NCCL on GPUs, gloo on the CPU.
+    A single process gets a 1-rank group only when it needs one (bfloat16 parameters are FSDP's
+    mixed-precision policy); otherwise it stays a plain process.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    p = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    need_group = world > 1 or cfg.training.dtype == "bfloat16-params"
+    if not need_group:
+        return Layout()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ or world > 1:
+            # torchrun shares its rendezvous store with the workers and keeps it across
+            # restarts; keys a dead attempt left there (gloo's peer addresses) are read by the
+            # next one, which then connects to a dead port (1 restart in 3 failed so on the
+            # CPU). With one agent (one node) every worker has the same restart count, so it
+            # names a fresh namespace. Agents on several nodes count restarts each for itself:
+            # there, launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a new store per round).
+            store, rank, size = next(dist.rendezvous("env://"))
+            if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
+                store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size)
+        else:  # a lone process: an in-memory store, no port to pick
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    dp = world // (p.tp * p.pp)
+    dims, names = [p.pp, dp, p.tp], ["pp", "dp", "tp"]
+    if not p.fsdp:
+        # Plain replication is FSDP2's hybrid mode with shards of one rank: parameters stay whole,
+        # gradients are all-reduced over dp, and the bf16 policy works the same as with FSDP.
+        dims.insert(2, 1)
+        names.insert(2, "dp_shard")
+    mesh = init_device_mesh(device.type, tuple(dims), mesh_dim_names=tuple(names))
+    return Layout(world=world, pp=p.pp, dp=dp, tp=p.tp, pp_rank=mesh["pp"].get_local_rank(),
+                  dp_rank=mesh["dp"].get_local_rank(), tp_rank=mesh["tp"].get_local_rank(),
+                  sequence_parallel=p.sequence_parallel and p.tp > 1, mesh=mesh, distributed=True)
+
+
+# ------------------------------------------------------------------------ pipeline stages
+def stage_indices(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[int]:
+    """Pipeline stages held by pp rank ``pp_rank``: interleaved schedules loop over the ranks
+    (r, r + pp, ...); the zero-bubble V schedule folds back (r, 2 pp - 1 - r)."""
+    if schedule == "zbv":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(virtual)]
+
+
+def stage_layers(n_layers: int, n_stages: int) -> list[range]:
+    """Contiguous layer ranges, one per stage, as even as possible; the earlier stages take the
+    remainder, since the last stage also carries the head and the loss."""
+    base, extra = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        n = base + (1 if s < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def build_stage(model_cfg, stage: int, n_stages: int):
+    """The part of Llama that pipeline stage ``stage`` runs, on the meta device.
+
+    Layers keep their global keys ("0".."L-1"), so parameter names, and with them checkpoints,
+    are the same in every layout. The embedding lives on the first stage, the norm and head on
+    the last."""
+    from model import Llama
+
+    with torch.device("meta"):
+        m = Llama(model_cfg)
+    keep = stage_layers(model_cfg.n_layers, n_stages)[stage]
+    for key in list(m.layers.keys()):
+        if int(key) not in keep:
+            del m.layers[key]
+    if stage != 0:
+        m.tok_embeddings = None
+    if stage != n_stages - 1:
+        m.norm = None
+        m.output = None
+    return m
+
+
+# ------------------------------------------------------------------------ tensor parallelism
+def kv_layout(n_heads: int, n_kv_heads: int, tp: int) -> str:
+    """How k/v heads meet tp: "split" (each rank a slice), "replicate" (fewer kv heads than ranks:
+    every rank computes them all and keeps the one its query heads read), or "" (impossible)."""
+    if tp == 1 or n_kv_heads % tp == 0:
+        return "split"
+    if tp % n_kv_heads == 0 and n_heads % tp == 0:
+        return "replicate"
+    return ""
+
+
+def _norm_forward(self, x, residual=None):
+    # Runs the RMSNorm op on local tensors, so no op needs a DTensor sharding rule whatever the
+    # backend. SequenceParallel's input hook hands x over as a Shard(1) DTensor; the residual
+    # stream arrives as the local slice. The weight's gradient is this rank's share of a sum
+    # over tokens: labelled Partial under sequence parallelism (FSDP, or settle_partial_grads,
+    # sums it over tp), Replicate without (every rank saw every token).
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(x, DTensor):
+        x = x.to_local()
+    if isinstance(residual, DTensor):
+        residual = residual.to_local()
+    w = self.weight.to_local(grad_placements=self._tp_grad_placements)
+    return mk.rms_norm(x, w, self.eps, residual=residual, backend=self.backend)
+
+
+def _tp_norm(norm: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    from torch.distributed.tensor import Partial, Replicate, distribute_module
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    if sequence_parallel:
+        parallelize_module(norm, tp_mesh, SequenceParallel())
+        norm._tp_grad_placements = (Partial(),)
+    else:
+        distribute_module(norm, tp_mesh)  # weight as a Replicate DTensor: one kind of parameter
+        norm._tp_grad_placements = (Replicate(),)
+    norm.forward = types.MethodType(_norm_forward, norm)
+
+
+def _replicated_kv(linear: nn.Linear, tp_mesh, lo: int, hi: int) -> None:
+    """wk or wv when tp > n_kv_heads: the weight is replicated, every rank projects all kv heads
+    and keeps columns [lo, hi) (the heads its query heads read). The kept slice's gradient
+    flows back as Partial, so torch sums the weight gradient over the ranks sharing a head."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_module
+
+    def input_fn(mod, inputs, mesh):
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+        return (x,) + tuple(inputs[1:])
+
+    def output_fn(mod, out, mesh):
+        return out.to_local(grad_placements=(Partial(),))[..., lo:hi]
+
+    distribute_module(linear, tp_mesh, input_fn=input_fn, output_fn=output_fn)
+
+
+def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    """Megatron-style tensor (and sequence) parallelism of a Llama stage over ``tp_mesh``."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   parallelize_module)
+
+    tp = tp_mesh.size()
+    cfg = model.cfg
+    stream = Shard(1) if sequence_parallel else Replicate()  # residual-stream layout between blocks
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if model.output is not None:
+        # vocab-sharded logits, returned as the local shard: the loss wraps them again
+        top["output"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=True)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    if model.norm is not None:
+        _tp_norm(model.norm, tp_mesh, sequence_parallel)
+
+    kv = kv_layout(cfg.n_heads, cfg.n_kv_heads, tp)
+    tp_rank = tp_mesh.get_local_rank()
+    for block in model.layers.values():
+        plan = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=stream),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
+        }
+        if kv == "split":
+            plan["attention.wk"] = ColwiseParallel()
+            plan["attention.wv"] = ColwiseParallel()
+        if sequence_parallel:
+            # all-gather the normed slice before the column-parallel matmuls
+            # (Attention.forward takes x, rope, cu_seqlens, max_seqlen, position_ids)
+            plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                                   desired_input_layouts=(Replicate(), None, None, None, None))
+            plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        parallelize_module(block, tp_mesh, plan)
+        if kv == "replicate":
+            per_rank = cfg.n_heads // tp  # query heads per rank, all reading one kv head
+            head = tp_rank * per_rank // (cfg.n_heads // cfg.n_kv_heads)
+            hd = cfg.head_dim
+            _replicated_kv(block.attention.wk, tp_mesh, head * hd, (head + 1) * hd)
+            _replicated_kv(block.attention.wv, tp_mesh, head * hd, (head + 1) * hd)
+        _tp_norm(block.attention_norm, tp_mesh, sequence_parallel)
+        _tp_norm(block.ffn_norm, tp_mesh, sequence_parallel)
+
+
+def tp_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, tp_mesh, ignore_index: int = -100):
+    """Mean cross-entropy of vocab-sharded logits (batch, seq, vocab / tp) with torch's
+    loss_parallel: each rank reduces its vocabulary slice, and only per-token statistics are
+    exchanged. Call it, and run the backward, inside ``loss_parallel()``."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor, Shard
+
+    logits = DTensor.from_local(logits_local, tp_mesh, (Shard(2),), run_check=False)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=ignore_index)
+
+
+# ------------------------------------------------------------------------ initialisation
+def _unit_seed(seed: int, unit: int) -> int:
+    return (seed * 1_000_003 + unit * 7919 + 17) % (2**63 - 1)
+
+
+@torch.no_grad()
+def init_weights(parts: list[nn.Module], model_cfg, seed: int, device: torch.device) -> None:
+    """Give every parameter the value it has in a one-process run, whatever the layout.
+
+    Each unit (embedding, layer i, final norm, head) is initialised by Llama.init_weights on a
+    one-unit model under its own seed, then each rank copies in its slice. The result depends on
+    the seed and the parameter alone, not on which rank or stage holds it.
+    """
+    from model import Llama
+
+    L = model_cfg.n_layers
+    for part in parts:
+        part.to_empty(device=device)
+        part.init_rope()
+        units = []
+        if part.tok_embeddings is not None:
+            units.append((0, "tok_embeddings", None))
+        units += [(int(k) + 1, f"layers.{k}", k) for k in part.layers.keys()]
+        if part.norm is not None:
+            units.append((L + 1, "norm", None))
+        if part.output is not None:
+            units.append((L + 2, "output", None))
+        params = dict(part.named_parameters())
+        for unit, prefix, layer_key in units:
+            with torch.device("meta"):
+                shell = Llama(dataclasses.replace(model_cfg, n_layers=1))
+            shell.cfg = model_cfg  # depth-scaled init of wo and w2 uses the real layer count
+            for name in ("tok_embeddings", "norm", "output"):
+                if name != prefix:
+                    setattr(shell, name, None)
+            if layer_key is None:
+                del shell.layers["0"]
+            shell.to_empty(device=device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(_unit_seed(seed, unit))
+                shell.init_weights()
+            for name, full in shell.named_parameters():
+                if layer_key is not None:
+                    name = name.replace("layers.0.", f"layers.{layer_key}.", 1)
+                _copy_full(params[name], full)
+            del shell
+
+
+def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) value into parameter p, which may be a tensor-parallel DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        # every rank holds the full tensor: slice locally, no communication
+        full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+        p = p.to_local()
+    p.copy_(full)
+
+
+@torch.no_grad()
+def load_hf_weights(parts: list[nn.Module], path: str, device: torch.device) -> None:
+    """Continued pretraining: fill this rank's parts from a Hugging Face Llama directory,
+    reading only the tensors they hold (safetensors are memory-mapped, one tensor at a time)."""
+    import json
+
+    from model.hf import _weight_files, to_hf_name
+    from safetensors import safe_open
+
+    with open(os.path.join(path, "config.json")) as f:
+        tied = bool(json.load(f).get("tie_word_embeddings", False))
+    where = {}
+    for fname in _weight_files(path):
+        with safe_open(os.path.join(path, fname), framework="pt") as f:
+            for key in f.keys():
+                where[key] = fname
+    for part in parts:
+        part.to_empty(device=device)
+        part.init_rope()
+        for name, p in part.named_parameters():
+            key = to_hf_name(name)
+            if key not in where and key == "lm_head.weight" and tied:
+                key = "model.embed_tokens.weight"
+            if key not in where:
+                raise ValueError(f"{path}: checkpoint lacks {key}")
+            with safe_open(os.path.join(path, where[key]), framework="pt") as f:
+                full = f.get_tensor(key)
+            if tuple(full.shape) != tuple(p.shape):
+                raise ValueError(f"{path}: {key} has shape {tuple(full.shape)}, expected {tuple(p.shape)}")
+            _copy_full(p, full.to(torch.float32))
+
+
+# ------------------------------------------------------------------------ data parallelism
+def mixed_precision_policy(dtype: str):
+    """training.dtype = "bfloat16-params": parameters are all-gathered and computed in bf16,
+    while FSDP keeps the float32 master copy the optimizer updates, and gradients are
+    reduce-scattered (or all-reduced) in float32 so that summing over dp loses nothing."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if dtype == "bfloat16-params":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_data_parallel(part: nn.Module, layout: Layout, dtype: str, pipelined: bool) -> None:
+    """FSDP2 over dp (each block, then the stage root), or, without parallel.fsdp, FSDP2's
+    hybrid mode with one-rank shards, i.e. whole parameters and all-reduced gradients."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = layout.mesh
+    dp_mesh = mesh["dp"] if "dp_shard" not in mesh.mesh_dim_names else mesh["dp", "dp_shard"]
+    mp = mixed_precision_policy(dtype)
+    # Under pipelining a stage's blocks run once per micro batch, forward and backward far
+    # apart: keeping them gathered after the forward avoids a second all-gather per micro batch.
+    reshard = not pipelined
+    for block in part.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(part, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    # Llama.loss (the fused head + cross-entropy) is a second entry point next to forward:
+    # FSDP must gather the stage's own parameters (embedding, norm, head) around it too.
+    register_fsdp_forward_method(part, "loss")
+
+
+# ------------------------------------------------------------------------ packed documents
+def doc_positions(cu_seqlens: torch.Tensor, rows: int, seq_len: int) -> torch.Tensor:
+    """(rows, seq) int32: each token's position inside its document, from a micro batch's
+    cu_seqlens. Unlike cu_seqlens it splits along the batch, so a pipeline schedule can cut
+    the step's batch into micro batches and each stage rebuilds its own cu_seqlens."""
+    total = rows * seq_len
+    idx = torch.arange(total)
+    cu = cu_seqlens.to(torch.long)
+    doc = torch.searchsorted(cu[1:], idx, right=True)
+    return (idx - cu[doc]).to(torch.int32).view(rows, seq_len)
+
+
+def cu_seqlens_from_positions(pos: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The inverse of doc_positions on the host: (n_docs + 1,) int32 offsets and the longest document."""
+    flat = pos.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def add_packing_hook(part: nn.Module, device: torch.device) -> None:
+    """Stage forward(x, doc_positions=(mb, seq) CPU int tensor) -> forward(x, cu_seqlens, max_seqlen).
+
+    The positions stay on the host, so rebuilding cu_seqlens and max_seqlen costs no device
+    sync; only the small offsets tensor is copied. Registered in front of FSDP's hooks, which
+    would otherwise move the positions to the device first."""
+    def hook(module, args, kwargs):
+        pos = kwargs.pop("doc_positions", None)
+        if pos is not None:
+            cu, max_len = cu_seqlens_from_positions(pos.cpu())
+            kwargs["cu_seqlens"] = cu.to(device, non_blocking=True)
+            kwargs["max_seqlen"] = max_len
+        return args, kwargs
+
+    part.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+
+# ------------------------------------------------------------------------ pipeline schedule
+def build_schedule(parts: list[nn.Module], stage_ids: list[int], n_stages: int, layout: Layout,
+                   n_microbatches: int, micro_batch: int, seq_len: int, act_dtype: torch.dtype,
+                   loss_fn, device: torch.device, name: str):
+    """A torch.distributed.pipelining schedule over this rank's stages.
+
+    Stage input and output shapes are given up front (static mode): the stream between stages
+    is (micro_batch, seq / tp under sequence parallelism, dim) in the activation dtype, and the
+    last stage returns its local logits (micro_batch, seq, vocab / tp).
+    """
+    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                              ScheduleInterleaved1F1B, ScheduleZBVZeroBubble)
+
+    cfg = parts[0].cfg
+    seq_local = seq_len // layout.tp if layout.sequence_parallel else seq_len
+    group = layout.group("pp")
+    stages = []
+    for part, s in zip(parts, stage_ids):
+        # float activations carry requires_grad: static mode derives the gradient traffic from it
+        stream = torch.empty(micro_batch, seq_local, cfg.dim, dtype=act_dtype, device="meta", requires_grad=True)
+        if s == 0:
+            inp = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
+        else:
+            inp = stream
+        if s == n_stages - 1:
+            out = torch.empty(micro_batch, seq_len, cfg.vocab_size // layout.tp, dtype=act_dtype, device="meta",
+                              requires_grad=True)
+        else:
+            out = stream
+        stages.append(PipelineStage(part, s, n_stages, device, input_args=(inp,), output_args=(out,), group=group))
+    cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1f1b": ScheduleInterleaved1F1B,
+           "zbv": ScheduleZBVZeroBubble}[name]
+    if name in ("1f1b", "gpipe"):
+        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+
+
+def schedule_step(schedule, *args, **kwargs):
+    """schedule.step without merging the last stage's outputs when torch can skip it."""
+    if "return_outputs" in inspect.signature(schedule.step).parameters:
+        kwargs["return_outputs"] = False
+    return schedule.step(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------ gradient norm
+def _local_and_weight(g: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """This rank's piece of a gradient, and 1 / (how many ranks hold the same piece)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(g, DTensor):
+        return g, 1.0
+    copies = 1
+    for dim, placement in enumerate(g.placements):
+        if isinstance(placement, Replicate):
+            copies *= g.device_mesh.size(dim)
+    return g.to_local(), 1.0 / copies
+
+
+@torch.no_grad()
+def settle_partial_grads(parts: list[nn.Module]) -> None:
+    """Sum the gradients left Partial over tp (norm weights under sequence parallelism,
+    replicated kv projections) into their parameters' placement, when FSDP is not there to
+    do it: one all-reduce for all of them rather than one per parameter."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    pending = []
+    for part in parts:
+        for p in part.parameters():
+            g = p.grad
+            if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
+                pending.append((p, g))
+    if not pending:
+        return
+    mesh = pending[0][1].device_mesh
+    simple = all(g.device_mesh == mesh and g.placements == (Partial("sum"),) for _, g in pending)
+    if not simple:  # not a layout this module makes; let DTensor do it one by one
+        for p, g in pending:
+            p.grad = g.redistribute(g.device_mesh, p.placements)
+        return
+    locals_ = [g.to_local() for _, g in pending]
+    flat = torch.cat([t.reshape(-1) for t in locals_])
+    dist.all_reduce(flat, group=mesh.get_group())
+    for (p, _), t, piece in zip(pending, locals_, flat.split([t.numel() for t in locals_])):
+        p.grad = DTensor.from_local(piece.view_as(t), mesh, p.placements, run_check=False)
+
+
+@torch.no_grad()
+def global_grad_norm(parts: list[nn.Module], layout: Layout, extra: torch.Tensor | None = None):
+    """-> (L2 norm of the whole model's gradient, extra summed over all ranks).
+
+    Each rank sums the squares of its own pieces, weighting a piece held by k ranks by 1 / k so
+    it counts once; one all-reduce over the world (every stage, shard and replica) adds them
+    up, together with ``extra`` (the step loss), so a step costs one collective here."""
+    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    by_weight: dict[float, list[torch.Tensor]] = {}
+    for g in grads:
+        local, w = _local_and_weight(g)
+        by_weight.setdefault(w, []).append(local)
+    for w, tensors in by_weight.items():
+        norms = torch._foreach_norm(tensors, 2.0)
+        total += w * torch.stack([n.float() for n in norms]).square().sum()
+    packed = torch.stack([total, extra.float() if extra is not None else torch.zeros_like(total)])
+    if layout.distributed and layout.world > 1:
+        dist.all_reduce(packed)
+    return packed[0].sqrt(), packed[1]
+
+
+@torch.no_grad()
+def clip_grads_(parts: list[nn.Module], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale every local gradient piece by min(1, max_norm / (norm + 1e-6)), as torch's
+    clip_grad_norm_ does, without a host sync."""
+    if not math.isfinite(max_norm):
+        return
+    locals_ = [_local_and_weight(p.grad)[0] for part in parts for p in part.parameters() if p.grad is not None]
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    if locals_:
+        torch._foreach_mul_(locals_, coef.to(locals_[0].device))
