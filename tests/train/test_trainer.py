@@ -170,3 +170,10 @@ def test_mfu_arithmetic_reproduces_meditron():
     from train.metrics import mfu
 
     assert round(mfu(6 * 70e9, 40_200, 128, 312e12) * 100, 1) == 42.3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-params"])
+def test_bf16_modes_train(tmp_path, dtype):
+    rows = run(small_config(tmp_path, steps=4, dtype=dtype, lr=3e-3), progress=False)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
