@@ -33,6 +33,19 @@ from ._common import cast_rtne, soft_bf16
 
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
+def _tile(n_rows, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_N) tile: int64 row indices, column indices and the bounds
+    mask. Column tiles vary fastest across program ids, so neighbouring programs stream
+    neighbouring memory."""
+    pid = tl.program_id(0)
+    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    rows = (pid // n_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    return rows.to(tl.int64), cols, mask
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     G,  # (rows, N) gate; unit column stride
     U,  # (rows, N) up; unit column stride
@@ -45,14 +58,7 @@ def _swiglu_fwd_kernel(
     BLOCK_N: tl.constexpr,  # columns per tile
     SOFT_BF16: tl.constexpr,  # bfloat16 output under the interpreter: see _common.cast_rtne
 ):
-    # Column tiles vary fastest across program ids, so neighbouring programs stream
-    # neighbouring memory.
-    pid = tl.program_id(0)
-    n_col_tiles = tl.cdiv(N, BLOCK_N)
-    rows = (pid // n_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
-    rows = rows.to(tl.int64)
+    rows, cols, mask = _tile(n_rows, N, BLOCK_M, BLOCK_N)
     # float32 before any arithmetic: the precision we want, and the only correct form for
     # bfloat16 under the Triton interpreter.
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -79,12 +85,7 @@ def _swiglu_bwd_kernel(
     BLOCK_N: tl.constexpr,  # columns per tile
     SOFT_BF16: tl.constexpr,  # bfloat16 output under the interpreter: see _common.cast_rtne
 ):
-    pid = tl.program_id(0)
-    n_col_tiles = tl.cdiv(N, BLOCK_N)
-    rows = (pid // n_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
-    rows = rows.to(tl.int64)
+    rows, cols, mask = _tile(n_rows, N, BLOCK_M, BLOCK_N)
     do = tl.load(DO + rows[:, None] * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
