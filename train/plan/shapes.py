@@ -35,17 +35,11 @@ class Architecture:
     def __post_init__(self):
         if self.family not in ("llama", "gpt"):
             raise ValueError(f"model family must be 'llama' or 'gpt', got {self.family!r}")
-        if self.family == "llama":
-            self.config  # noqa: B018  (LlamaConfig validates the shape)
-            return
-        for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"model {f} must be a positive int, got {v!r}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"model dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        self._llama_shape()  # LlamaConfig's checks (positive sizes, heads dividing dim) hold for both families
+
+    def _llama_shape(self) -> LlamaConfig:
+        return LlamaConfig(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                           vocab_size=self.vocab_size, ffn_dim=self.ffn_dim, max_seq_len=self.max_seq_len)
 
     @classmethod
     def from_config(cls, cfg: LlamaConfig, name: str = "custom") -> "Architecture":
@@ -75,8 +69,7 @@ class Architecture:
         """The model.LlamaConfig of a llama-family shape."""
         if self.gpt:
             raise ValueError(f"{self.name} is a Megatron GPT shape, not a LlamaConfig")
-        return LlamaConfig(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                           vocab_size=self.vocab_size, ffn_dim=self.ffn_dim, max_seq_len=self.max_seq_len)
+        return self._llama_shape()
 
     @property
     def head_dim(self) -> int:
