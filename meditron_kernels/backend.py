@@ -123,7 +123,8 @@ def _problem(op: str, name: str, device: torch.device) -> tuple[type[Exception],
         return RuntimeError, f"{op}: backend='triton' needs the triton package (pip install triton)"
     if name == "cuda":
         if device.type != "cuda":
-            return ValueError, f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}"
+            return ValueError, (f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}; "
+                                "a compiled CUDA kernel needs a CUDA device")
         if not cuda_extension_available():
             from . import _cuda_ext
 
