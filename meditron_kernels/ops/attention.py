@@ -1021,14 +1021,17 @@ def _check_kernel_limits(q: torch.Tensor, rotary) -> None:
 
 @register("flash_attention", "triton")
 def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-                    rotary=None, position_ids=None):
-    """Batched: q (batch, seq, n_heads, d), k, v (batch, seq, n_kv_heads, d) -> (batch, seq, n_heads, d).
+                    rotary=None, position_ids=None, cu_seqlens_k=None, max_seqlen_k=None, seqlens_k=None,
+                    return_lse=False):
+    """Batched: q (batch, sq, n_heads, d), k, v (batch, sk, n_kv_heads, d) -> (batch, sq, n_heads, d).
     Packed: q (total, n_heads, d), k, v (total, n_kv_heads, d), cu_seqlens (n_docs + 1,) -> (total, n_heads, d)."""
     _check_kernel_limits(q, rotary)
+    if cu_seqlens_k is not None or seqlens_k is not None or (cu_seqlens is None and q.shape[1] != k.shape[1]):
+        raise NotImplementedError("backend='triton': sq != sk is not implemented yet")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cos, sin = rotary if rotary is not None else (None, None)
-    o, _ = _fwd_op(q, k, v, causal, scale, cu_seqlens, max_seqlen or 0, cos, sin, position_ids)
-    return o
+    o, lse = _fwd_op(q, k, v, causal, scale, cu_seqlens, max_seqlen or 0, cos, sin, position_ids)
+    return (o, lse) if return_lse else o
 
 
 # ---------------------------------------------------------------------------- static report
