@@ -114,7 +114,7 @@ def _causal_mask(sq: int, sk, device) -> torch.Tensor:
     i = torch.arange(sq, device=device)
     if isinstance(sk, int):
         return torch.arange(sk, device=device)[None, :] <= i[:, None] + (sk - sq)
-    return (i[:, None] + (sk[:, None] - sq))[:, None, None, :, None]  # last visible key per row
+    return (i[None, :] + (sk[:, None] - sq))[:, None, None, :, None]  # last visible key per row
 
 
 def _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen):
