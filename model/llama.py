@@ -390,11 +390,14 @@ class Llama(nn.Module):
 
         return load_hf(cls, path, device=device, dtype=dtype)
 
-    def save_hf(self, path, max_shard_size: int = 5 * 2**30, dtype=None) -> None:
-        """Write config.json + safetensors loadable by transformers.LlamaForCausalLM.from_pretrained."""
+    def save_hf(self, path, max_shard_size: int = 5 * 2**30, dtype=None, bos_token_id: int | None = None,
+                eos_token_id: int | None = None) -> None:
+        """Write config.json + safetensors loadable by transformers.LlamaForCausalLM.from_pretrained,
+        with the tokenizer's special ids when given (train.export passes them)."""
         from .hf import save_hf
 
-        save_hf(self, path, max_shard_size=max_shard_size, dtype=dtype)
+        save_hf(self, path, max_shard_size=max_shard_size, dtype=dtype, bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

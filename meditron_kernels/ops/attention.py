@@ -1325,9 +1325,33 @@ def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d
     ]
 
 
+def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -> list[Launch]:
+    """One decoding step (one query per sequence) against a cache of ``s`` keys with per-sequence
+    lengths, split as it is on a GPU of 132 SMs, and the merge of the splits."""
+    meta = dict(dtype=dtype, device="meta")
+    q, o = torch.empty(b, 1, h, d, **meta), torch.empty(b, 1, h, d, **meta)
+    k, v = torch.empty(b, s, hkv, d, **meta), torch.empty(b, s, hkv, d, **meta)
+    lens = torch.empty(b, dtype=torch.int32, device="meta")
+    lse = torch.empty(b, h, 1, dtype=torch.float32, device="meta")
+    P = _Problem(False, b, 1, s, h, hkv, d, True, 1.0 / math.sqrt(d), None, None, lens, None, None, None)
+    cfg = decode_config(arch, dtype, d)
+    n_splits = decode_splits(b * hkv, s, 132)
+    o_part = torch.empty(b, h, n_splits, 1, d, dtype=torch.float32, device="meta")
+    lse_part = torch.empty(b, h, n_splits, 1, dtype=torch.float32, device="meta")
+    return [
+        Launch(f"attention_decode@sm_{arch}", _attn_decode,
+               _decode_args(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, arch, False)),
+               cfg.num_warps, cfg.num_stages, (b * hkv * n_splits,)),
+        Launch(f"attention_decode_reduce@sm_{arch}", _attn_decode_reduce,
+               _reduce_args(P, o, lse, o_part, lse_part, n_splits), 4, 1, (b * h,)),
+    ]
+
+
 def static_launches(cc: int | None = None) -> list[Launch]:
     """The forward and backward launches of a Llama-2-70B layer (bf16, 64 query and 8 kv heads,
-    head_dim 128, seq 4096, batch 4, causal), configured as they run on ``cc`` (80 or 90; None: both;
+    head_dim 128, seq 4096, batch 4, causal), then a decoding step of the same layer (batch 1 against
+    a 4096-token cache, split over the keys), configured as they run on ``cc`` (80 or 90; None: both;
     each launch's name ends in the architecture it is configured for)."""
     return [launch for arch in ((80, 90) if cc is None else (cc,))
-            for launch in _launches(arch, torch.bfloat16, 4, 4096, 64, 8, 128)]
+            for launch in _launches(arch, torch.bfloat16, 4, 4096, 64, 8, 128)
+            + _decode_launches(arch, torch.bfloat16, 1, 4096, 64, 8, 128)]
