@@ -138,3 +138,11 @@ def test_decode_attention_with_per_sequence_cache_lengths():
         torch.testing.assert_close(o[i:i + 1], ref)
         s = torch.einsum("hd,khd->hk", q[i, 0], k[i, :n].repeat_interleave(2, dim=1)) / d ** 0.5
         torch.testing.assert_close(lse[i, :, 0], torch.logsumexp(s, -1))
+
+
+def test_generate_on_the_triton_kernels_equals_torch():
+    # every op through the Triton kernels (interpreted): packed prefill, then split-KV decoding
+    model = _model(n_layers=1)
+    expected = model.generate(PROMPTS[:2], max_new_tokens=4)
+    with mk.use_backend("triton"):
+        assert model.generate(PROMPTS[:2], max_new_tokens=4) == expected

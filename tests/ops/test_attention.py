@@ -447,3 +447,27 @@ def test_sq_differs_from_sk_bad_inputs():
     with pytest.raises(ValueError, match="seqlens_k is for batched"):
         mk.flash_attention(qp, kp, vp, cu_seqlens=_cu([4, 6]), cu_seqlens_k=_cu([6, 6]),
                            seqlens_k=torch.tensor([12], dtype=torch.int32), backend="triton")
+
+
+# ---------------------------------------------------------------------------- decoding (split-KV)
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_kernel_over_key_splits(monkeypatch, splits, causal):
+    # group * sq <= DECODE_MAX_ROWS takes the decoding kernel: one program per (sequence, kv head),
+    # keys split over programs when they would leave the (pretend, 4-SM) GPU idle, then merged.
+    monkeypatch.setattr(A, "_FORCE_SPLITS", splits)
+    assert A.decode_splits(1, 70, 4, 16) == 5 and A.decode_splits(8, 70, 4, 16) == 1
+    _check(*_kv_inputs((1, 1), (1, 70), 8, 1, 64, torch.float16), causal=causal)  # 1 program: split
+    lens = torch.tensor([70, 2, 33], dtype=torch.int32)
+    _check(*_kv_inputs((3, 2), (3, 70), 4, 2, 32, torch.float32), causal=causal, seqlens_k=lens)
+    lq, lk = [1, 2, 0, 1], [40, 2, 3, 17]  # varlen decoding: packed queries against packed keys
+    _check(*_kv_inputs((sum(lq),), (sum(lk),), 4, 1, 32, torch.float16), causal=causal, cu_seqlens=_cu(lq),
+           cu_seqlens_k=_cu(lk))
+
+
+def test_decode_return_lse_merges_splits(monkeypatch):
+    monkeypatch.setattr(A, "_FORCE_SPLITS", 4)
+    q, k, v = _kv_inputs((2, 1), (2, 50), 4, 2, 32, torch.float32)
+    o, lse = mk.flash_attention(q, k, v, return_lse=True, backend="triton")
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(2, dim=2)) / 32 ** 0.5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-6)
