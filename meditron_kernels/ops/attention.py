@@ -654,7 +654,7 @@ def _attn_decode(
                                 start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
                                 BLOCK_N, HEAD_DIM, D_PAD, D_PAD, True, CAUSAL, False, False, False,
                                 DOT_F32, PRECISION, SCALE_NEG)
-    lse = (m_i + tl.math.log2(l_i)) * _LN2  # -inf for an empty split
+    lse = tl.where(l_i > 0, (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * _LN2, float("-inf"))  # empty split
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT:
