@@ -144,11 +144,19 @@ def main(argv=None) -> int:
     p.add_argument("--no-kernel", action="store_true", help="GPU: skip the decoding-kernel sweep")
     p.add_argument("--json", nargs="?", const="auto", metavar="PATH")
     args = p.parse_args(argv)
-    from model import LlamaConfig
-
     device = resolve_device(args.device)
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
+    try:
+        return _run(args, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, device) -> int:
+    from model import LlamaConfig
+
     env = environment(device)
     env["torch_threads"] = torch.get_num_threads()
     if device.type == "cuda":
