@@ -139,6 +139,17 @@ def verify(path: str) -> str | None:
     return problems[0] if problems else None
 
 
+def set_aside(path: str) -> str:
+    """Rename a checkpoint that failed verification to rejected-<name> (never deleted)."""
+    parent, name = os.path.split(path)
+    target, n = os.path.join(parent, f"rejected-{name}"), 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(parent, f"rejected-{name}.{n}")
+    os.replace(path, target)
+    return target
+
+
 def read_meta(path: str) -> dict:
     try:
         with open(os.path.join(path, "meta.json")) as f:
@@ -160,6 +171,28 @@ def newest_valid(found: list[tuple[int, str]]) -> tuple[str | None, list[str]]:
             return path, rejected
         rejected.append(f"{os.path.basename(path)}: {problem}")
     return None, rejected
+
+
+def resolve_verified(path: str, note=None) -> str:
+    """A checkpoint to read, verified: ``path`` itself when it is a checkpoint directory, else
+    the newest checkpoint of run directory ``path`` (or of its checkpoints/) that verifies;
+    ``note`` (a print-like callable) hears about newer ones that did not. Raises
+    CheckpointError (a corrupt checkpoint) or FileNotFoundError (none at all)."""
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("meta.json", MANIFEST)):
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"{path}: {problem}")
+        return path
+    for candidate in (os.path.join(path, "checkpoints"), path):
+        found = complete_checkpoints(candidate)
+        if found:
+            best, rejected = newest_valid(found)
+            if best is None:
+                raise CheckpointError(f"{candidate}: no checkpoint verifies ({'; '.join(rejected)})")
+            if rejected and note is not None:
+                note(f"{'; '.join(rejected)}; using {os.path.basename(best)}, the newest checkpoint that verifies")
+            return best
+    raise FileNotFoundError(f"{path}: no complete checkpoint (a step_XXXXXXXX directory with meta.json) found")
 
 
 def rng_state() -> dict:

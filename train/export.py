@@ -18,17 +18,12 @@ import torch.distributed.checkpoint as dcp
 
 from model import Llama, LlamaConfig
 
-from .checkpoint import complete_checkpoints
+from .checkpoint import CheckpointError, resolve_verified
 
 
 def resolve_checkpoint(path: str) -> str:
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    for candidate in (os.path.join(path, "checkpoints"), path):
-        found = complete_checkpoints(candidate)
-        if found:
-            return found[-1][1]
-    raise FileNotFoundError(f"{path}: no complete checkpoint (a step_XXXXXXXX directory with meta.json) found")
+    """The checkpoint directory to export, verified against its manifest."""
+    return resolve_verified(path, note=lambda msg: print(f"note: {msg}", file=sys.stderr))
 
 
 def load_model(ckpt_path: str) -> Llama:
@@ -56,7 +51,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         ckpt_path = resolve_checkpoint(args.checkpoint)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = load_model(ckpt_path)

@@ -673,8 +673,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, hooks: Hooks, progress: b
             if path is None:
                 raise ckpt.CheckpointError(f"--resume: no checkpoint in {ckpt_dir} verifies ({'; '.join(rejected)})")
             if rejected:
+                # moved aside (kept for inspection) so that pruning and later resumes skip them
+                if rank0:
+                    for line in rejected:
+                        ckpt.set_aside(os.path.join(ckpt_dir, line.split(":")[0]))
+                if layout.distributed:
+                    dist.barrier()
                 say(f"--resume: {'; '.join(rejected)}; falling back to {os.path.basename(path)}, the newest "
-                    "checkpoint that verifies")
+                    "checkpoint that verifies (the others are renamed rejected-step_*)")
             meta = ckpt.read_meta(path)
             check_resume_compatible(cfg, mcfg, meta, path, tokenizer.fingerprint)
             if meta.get("data_position") != meta["step"] * t.global_batch:
