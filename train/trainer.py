@@ -43,6 +43,8 @@ from .tokenizer import load_tokenizer
 # global rank RANK kill itself (SIGKILL) when it reaches step STEP, on the job's first attempt
 # (TORCHELASTIC_RESTART_COUNT = 0), so that torchrun --max-restarts restarts the job.
 FAULT_ENV = "MEDITRON_TRAIN_TEST_KILL_RANK_AT_STEP"
+# The same for preemption: "RANK:STEP" sends SIGTERM to global rank RANK alone before step STEP.
+SIGNAL_ENV = "MEDITRON_TRAIN_TEST_SIGTERM_RANK_AT_STEP"
 
 
 class TrainingStopped(RuntimeError):
@@ -386,15 +388,23 @@ class Hooks:
 
 
 def fault_injection_hooks() -> Hooks:
-    """Hooks for the command line: empty unless the fault-injection test variable is set."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    """Hooks for the command line: empty unless a fault-injection test variable is set."""
+    kill = os.environ.get(FAULT_ENV, "")
+    term = os.environ.get(SIGNAL_ENV, "")
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        kill = ""
+    if not kill and not term:
         return Hooks()
-    rank, step = (int(v) for v in spec.split(":"))
+    actions = {}
+    for spec, sig in ((kill, signal.SIGKILL), (term, signal.SIGTERM)):
+        if spec:
+            rank, step = (int(v) for v in spec.split(":"))
+            if int(os.environ.get("RANK", "0")) == rank:
+                actions[step] = sig
 
     def before_step(s: int) -> None:
-        if s == step and int(os.environ.get("RANK", "0")) == rank:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if s in actions:
+            os.kill(os.getpid(), actions[s])
 
     return Hooks(before_step=before_step)
 
