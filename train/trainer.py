@@ -636,15 +636,16 @@ def run(cfg: Config, resume: bool = False, hooks: Hooks | None = None, progress:
     mcfg = model_config(cfg)
     check_model_fits(cfg, mcfg, tokenizer.vocab_size)
     validate_parallel(cfg, world_env, mcfg)
+    data = load_data(cfg, tokenizer)  # a missing shard or a too short corpus is refused before any write
     stop = StopSignal(announce=int(os.environ.get("RANK", "0")) == 0).install()
     try:
-        return _train(cfg, resume, overwrite, hooks, progress, device, tokenizer, mcfg, stop)
+        return _train(cfg, resume, overwrite, hooks, progress, device, tokenizer, mcfg, data, stop)
     finally:
         stop.restore()
 
 
 def _train(cfg: Config, resume: bool, overwrite: bool, hooks: Hooks, progress: bool, device: torch.device,
-           tokenizer, mcfg: LlamaConfig, stop: StopSignal) -> list[dict]:
+           tokenizer, mcfg: LlamaConfig, data: tuple, stop: StopSignal) -> list[dict]:
     t = cfg.training
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -657,7 +658,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, hooks: Hooks, progress: b
     if rank0:
         prepare_out_dir(cfg, overwrite)
     seed_everything(t.seed)
-    train_data, val_data = load_data(cfg, tokenizer)
+    train_data, val_data = data
     engine = Engine(cfg, layout, device, mcfg)
     parts = engine.parts
     optimizer = build_optimizer(parts, cfg, device)
