@@ -624,7 +624,9 @@ def run(cfg: Config, resume: bool = False, hooks: Hooks | None = None, progress:
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world_size=world_env)
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
-        resume = True  # torchrun restarted the job after a failure: continue from the last checkpoint
+        # torchrun restarted the job after a failure: continue from the last checkpoint (an
+        # --overwrite applied to the first attempt only)
+        resume, overwrite = True, False
     check_out_dir(cfg, resume, overwrite)
     device = resolve_device(cfg.training.device)
     check_environment(cfg, device)
