@@ -34,11 +34,15 @@ def tiny(out_dir, steps=5) -> Config:
     return cfg
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    return run(tiny(tmp_path_factory.mktemp("straight") / "run"), progress=False)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, sig):
+def test_signal_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, straight, sig):
     """In one process: the signal arrives during step 3 (0-based 2); step 3 finishes, is
     saved, and the resumed run's steps 4 and 5 equal the unbroken run's bit for bit."""
-    straight = run(tiny(tmp_path / "straight"), progress=False)
 
     def send(step):
         if step == 2:
