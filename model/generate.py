@@ -27,9 +27,13 @@ def load(checkpoint: str, tokenizer: str | None = None, device: str = "cpu", dty
         model = Llama.from_hf(checkpoint, device=device, dtype=torch_dtype)
         spec = tokenizer or checkpoint
     else:
+        from train.checkpoint import CheckpointError
         from train.export import load_model, resolve_checkpoint, run_tokenizer_spec
 
-        ckpt = resolve_checkpoint(checkpoint)
+        try:
+            ckpt = resolve_checkpoint(checkpoint)
+        except CheckpointError as e:    # one line for the user, like every other bad argument
+            raise ValueError(str(e)) from None
         spec = tokenizer or run_tokenizer_spec(ckpt)
         if spec is None:
             raise ValueError(f"{checkpoint}: no run config.json names the tokenizer; pass --tokenizer")

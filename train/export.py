@@ -21,18 +21,13 @@ import torch.distributed.checkpoint as dcp
 
 from model import Llama, LlamaConfig
 
-from .checkpoint import complete_checkpoints
+from .checkpoint import CheckpointError, resolve_verified
 from .tokenizer import load_tokenizer, save_tokenizer
 
 
 def resolve_checkpoint(path: str) -> str:
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    for candidate in (os.path.join(path, "checkpoints"), path):
-        found = complete_checkpoints(candidate)
-        if found:
-            return found[-1][1]
-    raise FileNotFoundError(f"{path}: no complete checkpoint (a step_XXXXXXXX directory with meta.json) found")
+    """The checkpoint directory to export, verified against its manifest."""
+    return resolve_verified(path, note=lambda msg: print(f"note: {msg}", file=sys.stderr))
 
 
 def run_tokenizer_spec(ckpt_path: str) -> str | None:
@@ -73,7 +68,7 @@ def main(argv=None) -> int:
         ckpt_path = resolve_checkpoint(args.checkpoint)
         spec = args.tokenizer or run_tokenizer_spec(ckpt_path)
         tok = load_tokenizer(spec) if spec is not None else None
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = load_model(ckpt_path)
