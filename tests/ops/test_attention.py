@@ -450,8 +450,7 @@ def test_sq_differs_from_sk_bad_inputs():
 
 
 # ---------------------------------------------------------------------------- decoding (split-KV)
-@pytest.mark.parametrize("splits", [None, 3])
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("splits,causal", [(3, True), (None, False)])
 def test_decode_kernel_over_key_splits(monkeypatch, splits, causal):
     # group * sq <= DECODE_MAX_ROWS takes the decoding kernel: one program per (sequence, kv head),
     # keys split over programs when they would leave the (pretend, 4-SM) GPU idle, then merged.

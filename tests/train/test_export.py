@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from train.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
 
