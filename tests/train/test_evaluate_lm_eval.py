@@ -103,3 +103,40 @@ def test_registered_under_meditron_and_bad_generation_args(checkpoint):
         lm.generate_until(_requests("generate_until", [("x", {"until": ["\n"], "top_k": 5})]), disable_tqdm=True)
     with pytest.raises(ValueError, match="checkpoint"):
         MeditronLM()
+
+
+def test_lm_eval_tasks_from_local_files(tmp_path, monkeypatch):
+    """docs/evaluate.md's recipe: lm-eval's own task definitions, included by local YAML files that
+    only replace the data source, evaluated with model="meditron" by name."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import json
+
+    from lm_eval.tasks import TaskManager
+
+    hf = tmp_path / "hf"
+    tiny_model().save_hf(hf)
+    lm_tasks = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
+    records = {
+        "pubmedqa": [{"QUESTION": f"Q{i}?", "CONTEXTS": ["c1", "c2"], "final_decision": ("yes", "no", "maybe")[i % 3],
+                      "LONG_ANSWER": "", "LABELS": [], "MESHES": [], "YEAR": "2000"} for i in range(3)],
+        "anatomy": [{"question": f"Q{i}?", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": i % 4}
+                    for i in range(3)],
+    }
+    (tmp_path / "tasks").mkdir()
+    for name, yaml in (("pubmedqa", "pubmedqa/pubmedqa.yaml"), ("anatomy", "mmlu/default/mmlu_anatomy.yaml")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records[name]))
+        files = ", ".join(f"{s}: {path}" for s in ("train", "validation", "test", "dev"))
+        (tmp_path / "tasks" / f"{name}_local.yaml").write_text(
+            f"include: {lm_tasks}/{yaml}\ntask: {name}_local\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files: {{{files}}}\n")
+    import train.evaluate.lm_eval_adapter  # noqa: F401  (registers "meditron")
+
+    res = lm_eval.simple_evaluate(model="meditron", model_args=f"checkpoint={hf},tokenizer=byte,dtype=float32",
+                                  tasks=["pubmedqa_local", "anatomy_local"], num_fewshot=1,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+    assert res["config"]["model"] == "meditron"
+    for name in ("pubmedqa_local", "anatomy_local"):
+        assert 0 <= res["results"][name]["acc,none"] <= 1
+    assert res["n-samples"]["anatomy_local"]["effective"] == 3

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -28,7 +28,33 @@ import meditron_kernels as mk
 
 from .scoring import generate, loglikelihood_tokens, plan_batches
 
-_GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "seed"}
+_GEN_KEYS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_p", "seed"}
+
+
+def _generation_args(kwargs: dict, eos: str) -> tuple[list[str], int, float, float, int | None]:
+    """lm-eval's generation kwargs -> (stop strings, max new tokens, temperature, top_p, seed).
+    Greedy unless do_sample is true (or absent with a positive temperature), as lm-eval's HF backend."""
+    unknown = set(kwargs) - _GEN_KEYS
+    if unknown:
+        raise ValueError(f"meditron generate_until: unsupported generation arguments {sorted(unknown)}; "
+                         f"supported: {sorted(_GEN_KEYS)}")
+    until = kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    if eos and eos not in until:
+        until.append(eos)
+    max_new = int(kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", 256)))
+    temperature = float(kwargs.get("temperature", 0.0))
+    if not kwargs.get("do_sample", temperature > 0):
+        temperature = 0.0
+    seed = kwargs.get("seed")
+    return until, max_new, temperature, float(kwargs.get("top_p", 1.0)), None if seed is None else int(seed)
+
+
+def _cut(text: str, until: list[str]) -> str:
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
 
 
 @register_model("meditron")
@@ -52,8 +78,13 @@ class MeditronLM(TemplateLM):
                 cuda = device != "cpu" and torch.cuda.is_available()
                 dist.init_process_group("nccl" if cuda else "gloo")
             self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
-        if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        if device is None or str(device).startswith("cuda"):  # lm-eval's command line passes a CUDA device
+            if not torch.cuda.is_available():
+                if device is not None:
+                    warnings.warn(f"meditron: device {device!r} asked for but CUDA is unavailable; running on the CPU")
+                device = "cpu"
+            elif device in (None, "cuda"):
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         self._device = torch.device(device)
         if model is None:
             from .load import load_model_and_tokenizer
@@ -155,26 +186,18 @@ class MeditronLM(TemplateLM):
         eos = self.tok.decode([self.eot_token_id])
         with mk.use_backend(self.backend_name):
             for idx in groups.values():
-                gen_kwargs = dict(requests[idx[0]].args[1])
-                unknown = set(gen_kwargs) - _GEN_KEYS - {"max_new_tokens", "max_tokens", "max_completion_tokens"}
-                if unknown:
-                    raise ValueError(f"meditron generate_until: unsupported generation arguments {sorted(unknown)}; "
-                                     f"supported: {sorted(_GEN_KEYS)}")
-                kw = normalize_gen_kwargs(gen_kwargs, 256)
-                until = handle_stop_sequences(kw.get("until"), eos=eos)
-                max_new = kw["max_gen_toks"]
-                temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
+                until, max_new, temperature, top_p, seed = _generation_args(dict(requests[idx[0]].args[1]), eos)
                 ctx_len = self.max_length - max_new
                 if ctx_len < 1:
                     raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in max_length {self.max_length}")
                 for b, batch in enumerate(plan_batches([1] * len(idx), self.batch_size)):
                     ids = [self.tok_encode(requests[idx[j]].args[0])[-ctx_len:] for j in batch]
                     conts = generate(self.model, ids, max_new_tokens=max_new, temperature=temperature,
-                                     top_p=float(kw.get("top_p", 1.0)), stop_ids=(self.eot_token_id,),
-                                     seed=int(kw.get("seed", self.seed)) + b)
+                                     top_p=top_p, stop_ids=(self.eot_token_id,),
+                                     seed=(self.seed if seed is None else seed) + b)
                     for j, c in zip(batch, conts):
                         i = idx[j]
-                        text = postprocess_generated_text(self.tok.decode(c), until, None)
+                        text = _cut(self.tok.decode(c), until)
                         out[i] = text
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
                     bar.update(len(batch))
