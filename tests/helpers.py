@@ -1,4 +1,4 @@
-"""Shared test utilities: the accuracy rule of CONVENTIONS §4."""
+"""Shared test utilities: the accuracy rule of docs/design.md ("Accuracy rule")."""
 from __future__ import annotations
 
 import torch
