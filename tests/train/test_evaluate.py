@@ -299,6 +299,28 @@ def test_cli_training_run_uses_its_tokenizer(data, tmp_path, capsys):
     assert res["tasks"]["mmlu_anatomy"]["n_questions"] == 3
 
 
+@pytest.mark.skipif(not hasattr(__import__("train.tokenizer").tokenizer, "save_tokenizer"),
+                    reason="needs the tokenizer export of python -m train.export")
+def test_cli_exported_hf_dir_brings_its_tokenizer(data, tmp_path):
+    from train.config import Config
+    from train.export import main as export_main
+    from train.trainer import run
+
+    cfg = Config()
+    cfg.out_dir = str(tmp_path / "run")
+    cfg.training.steps, cfg.training.micro_batch, cfg.training.global_batch, cfg.training.seq_len = 1, 1, 1, 32
+    cfg.eval.interval = 0
+    run(cfg, progress=False)
+    assert export_main(["--checkpoint", cfg.out_dir, "--out", str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    for ckpt, out in ((cfg.out_dir, "a"), (str(tmp_path / "hf"), "b")):
+        assert main(["--checkpoint", ckpt, "--tasks", "mmlu_anatomy", "--data-dir", data, "--shots", "2",
+                     "--out", str(tmp_path / out), "--no-progress"]) == 0
+    a, b = ([json.loads(x) for x in open(tmp_path / d / "predictions.jsonl")] for d in "ab")
+    for x, y in zip(a, b):  # the same model and tokenizer either way
+        assert x["prediction"] == y["prediction"]
+        assert all(abs(x["loglikelihoods"][k] - y["loglikelihoods"][k]) <= 1e-4 for k in "ABCD")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "medqa"], "unknown task 'medqa'"),
     (["--tasks", "medmcqa", "--shots", "6"], "--shots 6 is larger than the 5 demonstrations in medmcqa/medmcqa"),

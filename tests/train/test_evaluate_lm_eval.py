@@ -105,23 +105,17 @@ def test_registered_under_meditron_and_bad_generation_args(checkpoint):
         MeditronLM()
 
 
-def test_lm_eval_tasks_from_local_files(tmp_path, monkeypatch):
-    """docs/evaluate.md's recipe: lm-eval's own task definitions, included by local YAML files that
-    only replace the data source, evaluated with model="meditron" by name."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def write_local_tasks(tmp_path, n=3):
+    """docs/evaluate.md's recipe: YAML files that include lm-eval's own task definitions and only
+    replace the data source with local JSON lines in the Hugging Face copies' schemas."""
     import json
 
-    from lm_eval.tasks import TaskManager
-
-    hf = tmp_path / "hf"
-    tiny_model().save_hf(hf)
     lm_tasks = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
     records = {
         "pubmedqa": [{"QUESTION": f"Q{i}?", "CONTEXTS": ["c1", "c2"], "final_decision": ("yes", "no", "maybe")[i % 3],
-                      "LONG_ANSWER": "", "LABELS": [], "MESHES": [], "YEAR": "2000"} for i in range(3)],
+                      "LONG_ANSWER": "", "LABELS": [], "MESHES": [], "YEAR": "2000"} for i in range(n)],
         "anatomy": [{"question": f"Q{i}?", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": i % 4}
-                    for i in range(3)],
+                    for i in range(n)],
     }
     (tmp_path / "tasks").mkdir()
     for name, yaml in (("pubmedqa", "pubmedqa/pubmedqa.yaml"), ("anatomy", "mmlu/default/mmlu_anatomy.yaml")):
@@ -131,12 +125,47 @@ def test_lm_eval_tasks_from_local_files(tmp_path, monkeypatch):
         (tmp_path / "tasks" / f"{name}_local.yaml").write_text(
             f"include: {lm_tasks}/{yaml}\ntask: {name}_local\ndataset_path: json\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files: {{{files}}}\n")
+    return str(tmp_path / "tasks")
+
+
+def test_lm_eval_tasks_from_local_files(tmp_path, monkeypatch):
+    """lm-eval's own tasks from local files, evaluated with model="meditron" by name."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    hf = tmp_path / "hf"
+    tiny_model().save_hf(hf)
+    tasks = write_local_tasks(tmp_path)
     import train.evaluate.lm_eval_adapter  # noqa: F401  (registers "meditron")
 
     res = lm_eval.simple_evaluate(model="meditron", model_args=f"checkpoint={hf},tokenizer=byte,dtype=float32",
                                   tasks=["pubmedqa_local", "anatomy_local"], num_fewshot=1,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+                                  task_manager=TaskManager(include_path=tasks, include_defaults=False))
     assert res["config"]["model"] == "meditron"
     for name in ("pubmedqa_local", "anatomy_local"):
         assert 0 <= res["results"][name]["acc,none"] <= 1
     assert res["n-samples"]["anatomy_local"]["effective"] == 3
+
+
+@pytest.mark.distributed
+def test_adapter_under_torchrun_equals_one_process(tmp_path):
+    """lm-eval shares the documents among 2 processes (gloo); the results equal one process's."""
+    import json
+    import subprocess
+    import sys
+
+    hf = tmp_path / "hf"
+    tiny_model().save_hf(hf)
+    tasks = write_local_tasks(tmp_path, n=5)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "tests", "train", "lm_eval_runs.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for cmd, out in (([sys.executable], "one.json"),
+                     ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"], "two.json")):
+        proc = subprocess.run([*cmd, script, str(hf), tasks, str(tmp_path / out)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.load(open(tmp_path / f)) for f in ("one.json", "two.json"))
+    assert len(one["samples"]) == 5 and one == two
+    assert os.path.exists(tmp_path / "two.json.rank1")  # rank 1 ran as rank 1 of 2, not as a second copy
