@@ -228,7 +228,8 @@ def test_generation_scoring_extracts_and_votes(data):
     tok = ByteTokenizer()
     d = load_task("pubmedqa", data)  # gold: yes, no, maybe, yes
     model = ScriptedModel([" no, since X.\n\nContext: next", "The answer is: yes", "The answer is: no"], tok)
-    s = Settings(shots=1, seeds=(5,), method="generate", samples=3, temperature=0.8, batch_sequences=6)
+    s = Settings(shots=1, seeds=(5,), method="generate", samples=3, chain_of_thought=True, temperature=0.8,
+                 batch_sequences=6)
     summary, rows = score_task(model, tok, d, s, progress=False)
     assert [r["answers"] for r in rows] == [["no", "yes", "no"]] * 4 and [r["prediction"] for r in rows] == ["no"] * 4
     assert rows[0]["generations"][0] == " no, since X."  # cut at the blank line

@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["loglikelihood", "generate"], default="loglikelihood",
                    help="score the options' log-likelihoods, or generate and extract the answer")
     p.add_argument("--sc-cot", type=int, default=None, metavar="N",
-                   help="self-consistency: generate N samples and take the majority answer (implies --method generate)")
+                   help="self-consistency chain of thought: N samples, the majority answer (implies --method generate)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8 with --sc-cot, else 0)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 16 for direct answers, 256 with chain of thought")
@@ -78,7 +78,8 @@ def settings(args) -> Settings:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    return Settings(shots=args.shots, seeds=args.seeds, method=method, samples=samples, temperature=temperature,
+    return Settings(shots=args.shots, seeds=args.seeds, method=method, samples=samples,
+                    chain_of_thought=args.sc_cot is not None, temperature=temperature,
                     top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens,
                     batch_sequences=args.batch_sequences)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ class Settings:
     seeds: tuple[int, ...] = (1234,)
     method: str = "loglikelihood"      # "loglikelihood" or "generate"
     samples: int = 1                   # > 1: self-consistency, majority vote over this many samples
+    chain_of_thought: bool = False     # generation: explanations before answers, where the task has them
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int | None = None  # None: 16 for a direct answer, 256 with chain of thought
@@ -65,7 +67,7 @@ def score_task(model, tok, data: TaskData, s: Settings, progress: bool = True) -
     """-> (summary for results.json, one row per question and seed) on rank 0; ({}, []) elsewhere."""
     rank, world = _world()
     # chain of thought only for generation, and only where demonstrations carry explanations
-    cot = {sub: s.method == "generate" and s.samples > 1 and P.supports_chain_of_thought(pool)
+    cot = {sub: s.method == "generate" and s.chain_of_thought and P.supports_chain_of_thought(pool)
            for sub, pool in data.pools.items()} if data.pools else {}
     for q in data.questions:
         cot.setdefault(q.task, False)
@@ -178,8 +180,6 @@ def summarize(data: TaskData, s: Settings, rows: list[dict], cot: dict[str, bool
 def distributed_setup(device_arg: str) -> torch.device:
     """Join the torchrun group when launched by torchrun (gloo on the CPU, NCCL on GPUs); -> this
     process's device."""
-    import os
-
     cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
