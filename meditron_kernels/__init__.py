@@ -132,16 +132,29 @@ def swiglu_packed(gate_up: torch.Tensor, *, backend: str | None = None) -> torch
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None, *, cu_seqlens: torch.Tensor | None = None,
-                    max_seqlen: int | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    position_ids: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
-    """Exact attention, softmax(q k^T * softmax_scale) v, with GQA, packing and fused rotary.
+                    max_seqlen: int | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                    max_seqlen_k: int | None = None, seqlens_k: torch.Tensor | None = None,
+                    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    position_ids: torch.Tensor | None = None, return_lse: bool = False,
+                    backend: str | None = None):
+    """Exact attention, softmax(q k^T * softmax_scale) v, with GQA, packing, fused rotary and a KV cache.
 
-    Batched: q (batch, seq, n_heads, d); k, v (batch, seq, n_kv_heads, d) -> (batch, seq, n_heads, d).
-    Packed (cu_seqlens given): q (total, n_heads, d); k, v (total, n_kv_heads, d); cu_seqlens (n_docs + 1,)
-    int32 offsets; a token attends only inside its own document.
+    Batched: q (batch, sq, n_heads, d); k, v (batch, sk, n_kv_heads, d) -> (batch, sq, n_heads, d).
+    sq may differ from sk. causal is bottom-right aligned (as in FlashAttention 2.1+): query i sees
+    keys 0 .. i + sk - sq, so the queries are the last sq positions; causal needs sq <= sk.
+    seqlens_k (batch,) int32, batched only: sequence b has only its first seqlens_k[b] keys (the rest
+    of k and v, e.g. an unfilled KV cache, is never read), and its queries are the last sq of them.
+    Packed (cu_seqlens given): q (total_q, n_heads, d); k, v (total_k, n_kv_heads, d); cu_seqlens
+    (n_docs + 1,) int32 offsets of the queries, cu_seqlens_k those of the keys (default: cu_seqlens);
+    a token attends only inside its own document, with the same bottom-right alignment per document.
+    max_seqlen / max_seqlen_k: optional bounds on the longest query / key document.
     n_heads % n_kv_heads == 0: query head j reads kv head j // (n_heads // n_kv_heads), without copies.
-    softmax_scale defaults to 1 / sqrt(d). rotary=(cos, sin) rotates q and k (rotate-half layout) first,
-    at position_ids ((batch, seq), or (total,) when packed), by default 0..seq-1, restarting per document.
+    softmax_scale defaults to 1 / sqrt(d). rotary=(cos, sin) rotates q and k (rotate-half layout) first;
+    position_ids give the keys' positions ((batch, sk), or (total_k,) when packed), by default 0..sk-1
+    restarting per document, and each query takes the position of the key it is aligned with (the last sq).
+    return_lse=True -> (o, lse): the natural log-sum-exp of each query row's scaled scores, float32,
+    (batch, n_heads, sq), or (n_heads, total_q) when packed (FlashAttention's varlen layout); it is
+    differentiable too.
     """
     packed = cu_seqlens is not None
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
@@ -153,12 +166,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     for t, name in ((k, "k"), (v, "v")):
         V.same_dtype(t, name, q, "q")
         V.same_device(t, name, q, "q")
-    lead = q.dim() - 2
-    if k.shape[:lead] != q.shape[:lead] or v.shape[:lead] != q.shape[:lead]:
-        what = "total_tokens" if packed else "(batch, seq)"
-        raise ValueError(f"q, k and v must share {what}, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must share the batch size, got {tuple(q.shape)} and {tuple(k.shape)}")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"q and k must share head_dim, got {q.shape[-1]} and {k.shape[-1]}")
     n_heads, n_kv = q.shape[-2], k.shape[-2]
@@ -166,26 +177,62 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv})")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
                                       or not math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
     if packed:
+        if seqlens_k is not None:
+            raise ValueError("seqlens_k is for batched k/v; with cu_seqlens, delimit the keys with cu_seqlens_k")
         V.cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q)
-    elif max_seqlen is not None:
-        raise ValueError("max_seqlen is only meaningful with cu_seqlens")
+        if cu_seqlens_k is not None:
+            V.cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, q, name="cu_seqlens_k", tokens_of="k",
+                         max_name="max_seqlen_k")
+            if cu_seqlens_k.shape != cu_seqlens.shape:
+                raise ValueError(f"cu_seqlens_k must have as many documents as cu_seqlens, got "
+                                 f"{cu_seqlens_k.shape[0] - 1} and {cu_seqlens.shape[0] - 1}")
+            V.key_lengths(cu_seqlens, cu_seqlens_k, causal)
+        else:
+            if k.shape[0] != q.shape[0]:
+                raise ValueError(f"k has {k.shape[0]} tokens but q has {q.shape[0]}; "
+                                 "pass cu_seqlens_k to delimit documents of different lengths")
+            if max_seqlen_k is not None:
+                raise ValueError("max_seqlen_k is only meaningful with cu_seqlens_k")
+    else:
+        for value, name in ((max_seqlen, "max_seqlen"), (cu_seqlens_k, "cu_seqlens_k"), (max_seqlen_k, "max_seqlen_k")):
+            if value is not None:
+                raise ValueError(f"{name} is only meaningful with cu_seqlens")
+        if seqlens_k is not None:
+            V.seqlens_k(seqlens_k, q.shape[0], q.shape[1], k.shape[1], causal, q)
+        elif causal and q.shape[1] > k.shape[1]:
+            raise ValueError(f"causal attention needs sq <= sk (queries are the last sq keys), got sq={q.shape[1]} "
+                             f"and sk={k.shape[1]}")
+        elif q.shape[1] and not k.shape[1]:
+            raise ValueError(f"k has no keys (sk=0) for sq={q.shape[1]} queries")
     if rotary is not None:
         if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
             raise TypeError("rotary must be a (cos, sin) pair")
         if q.shape[-1] % 2:
             raise ValueError(f"head_dim must be even for rotary, got {q.shape[-1]}")
-        n_pos = None if position_ids is not None else (max_seqlen if packed else q.shape[1])
+        if position_ids is not None:
+            n_pos = None
+        elif packed:
+            n_pos = max_seqlen_k if cu_seqlens_k is not None else max_seqlen
+        else:
+            n_pos = k.shape[1]
         _check_rotary_tables(rotary[0], rotary[1], q.shape[-1], q, n_pos)
         if position_ids is not None:
-            _check_position_ids(position_ids, tuple(q.shape[:lead]), q, rotary[0].shape[0])
+            _check_position_ids(position_ids, tuple(k.shape[:-2]), q, rotary[0].shape[0])
     elif position_ids is not None:
         raise ValueError("position_ids is only used with rotary=(cos, sin)")
+    # the inference options travel as keywords, and only when used
+    extra = {name: value for name, value in (("cu_seqlens_k", cu_seqlens_k), ("max_seqlen_k", max_seqlen_k),
+                                              ("seqlens_k", seqlens_k)) if value is not None}
+    if return_lse:
+        extra["return_lse"] = True
     return dispatch("flash_attention", backend, q.device)(
-        q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, rotary, position_ids)
+        q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, rotary, position_ids, **extra)
 
 
 def _check_targets(targets, lead_shape, ref, ignore_index):

@@ -68,34 +68,77 @@ def positive_float(v, name: str) -> None:
 _checked_cu = WeakIdKeyDictionary()
 
 
-def cu_seqlens(cu, total: int, max_seqlen, ref: torch.Tensor) -> None:
+def cu_seqlens(cu, total: int, max_seqlen, ref: torch.Tensor, name: str = "cu_seqlens", tokens_of: str = "q",
+               max_name: str = "max_seqlen") -> None:
     """Structure always; values (0 first, non-decreasing, last == total, max_seqlen bound)
     whenever not tracing under torch.compile, where a data-dependent check would break the graph."""
-    tensor(cu, "cu_seqlens")
+    tensor(cu, name)
     if cu.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu.dtype}")
-    ndim(cu, "cu_seqlens", 1, "1-D (n_docs + 1,)")
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    ndim(cu, name, 1, "1-D (n_docs + 1,)")
     if cu.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must have at least 2 entries (n_docs + 1), got {cu.shape[0]}")
-    same_device(cu, "cu_seqlens", ref, "q")
+        raise ValueError(f"{name} must have at least 2 entries (n_docs + 1), got {cu.shape[0]}")
+    same_device(cu, name, ref, "q")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
-        raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
-    if torch.compiler.is_compiling() or cu.device.type == "meta":
+        raise ValueError(f"{max_name} must be a positive int or None, got {max_seqlen!r}")
+    if _tracing(cu):
         return
     key = (cu._version, total, max_seqlen)
     if _checked_cu.get(cu) == key:
         return
     values = cu.tolist()
     if values[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
     if any(n < 0 for n in lengths):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {values}")
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
     if values[-1] != total:
-        raise ValueError(f"cu_seqlens must end at the number of tokens in q ({total}), got {values[-1]}")
+        raise ValueError(f"{name} must end at the number of tokens in {tokens_of} ({total}), got {values[-1]}")
     if max_seqlen is not None and max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document ({max(lengths)} tokens)")
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest document ({max(lengths)} tokens)")
     _checked_cu[cu] = key
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or t.device.type == "meta"
+
+
+def _check_key_counts(lq: list[int], lk: list[int], causal: bool, what: str) -> None:
+    for i, (nq, nk) in enumerate(zip(lq, lk)):
+        if causal and nq > nk:
+            raise ValueError(f"causal attention needs at most as many queries as keys ({what} {i}: {nq} queries, "
+                             f"{nk} keys): the queries are the last keys")
+        if nq and not nk:
+            raise ValueError(f"{what} {i} has {nq} queries and no keys")
+
+
+def key_lengths(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> None:
+    """Per document: keys for every query, and with causal no more queries than keys."""
+    if _tracing(cu_q):
+        return
+    q, k = cu_q.tolist(), cu_k.tolist()
+    _check_key_counts([b - a for a, b in zip(q, q[1:])], [b - a for a, b in zip(k, k[1:])], causal, "document")
+
+
+def seqlens_k(lens, batch: int, sq: int, sk: int, causal: bool, ref: torch.Tensor) -> None:
+    """(batch,) int32 valid key counts, each in [0, sk]; checked once per tensor version (every layer
+    of a model shares it)."""
+    tensor(lens, "seqlens_k")
+    if lens.dtype != torch.int32:
+        raise TypeError(f"seqlens_k must be int32, got {lens.dtype}")
+    if tuple(lens.shape) != (batch,):
+        raise ValueError(f"seqlens_k must have shape ({batch},) (one count per sequence), got {tuple(lens.shape)}")
+    same_device(lens, "seqlens_k", ref, "q")
+    if _tracing(lens):
+        return
+    key = (lens._version, sq, sk, causal)
+    if _checked_cu.get(lens) == key:
+        return
+    values = lens.tolist()
+    if any(n < 0 or n > sk for n in values):
+        raise ValueError(f"seqlens_k must lie in [0, sk={sk}], got {values}")
+    _check_key_counts([sq] * batch, values, causal, "sequence")
+    _checked_cu[lens] = key
 
 
 _checked_positions = WeakIdKeyDictionary()

@@ -94,27 +94,39 @@ def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _attention(q, k, v, scale, mask=None):
-    # q (batch, sq, n_heads, d); k, v (batch, sk, n_kv_heads, d); mask (sq, sk) bool, True = attend
+    # q (batch, sq, n_heads, d); k, v (batch, sk, n_kv_heads, d); mask broadcastable to (batch, 1, 1, sq, sk)
+    # bool, True = attend. -> o (batch, sq, n_heads, d), lse (batch, n_heads, sq) in the scores' dtype
     b, sq, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, sq, hkv, h // hkv, d)  # GQA as a view: query head j reads kv head j // group
     scores = _acc(torch.einsum("bqhgd,bkhd->bhgqk", qg, k)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1).reshape(b, h, sq)
     p = torch.softmax(scores, dim=-1).to(v.dtype)
     o = torch.einsum("bhgqk,bkhd->bqhgd", p, v)
-    return o.reshape(b, sq, h, d)
+    return o.reshape(b, sq, h, d), lse
+
+
+def _causal_mask(sq: int, sk, device) -> torch.Tensor:
+    # Bottom-right aligned: query i sees keys 0 .. i + sk - sq. sk: an int, or a (batch,) tensor
+    # -> (sq, sk) or (batch, 1, 1, sq, 1) broadcastable against key indices
+    i = torch.arange(sq, device=device)
+    if isinstance(sk, int):
+        return torch.arange(sk, device=device)[None, :] <= i[:, None] + (sk - sq)
+    return (i[None, :] + (sk[:, None] - sq))[:, None, None, :, None]  # last visible key per row
 
 
 def _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen):
-    # q (total, n_heads, d). Query block [qs, qe) can only see keys within max_seqlen - 1 of it,
-    # so each block attends to a band of keys: O(total x max_seqlen) work instead of O(total^2).
+    # Equal query and key documents. q (total, n_heads, d). Query block [qs, qe) can only see keys
+    # within max_seqlen - 1 of it, so each block attends to a band of keys: O(total x max_seqlen)
+    # work instead of O(total^2). -> o (total, n_heads, d), lse (n_heads, total)
     total = q.shape[0]
     doc = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=q.device), right=True)
     pos = torch.arange(total, device=q.device)
     band = max_seqlen if max_seqlen is not None else total
     block = max(band, 64)
-    outs = []
+    outs, lses = [], []
     for qs in range(0, total, block):
         qe = min(total, qs + block)
         ks = max(0, qs - band + 1)
@@ -122,32 +134,88 @@ def _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen):
         mask = doc[qs:qe, None] == doc[None, ks:ke]
         if causal:
             mask = mask & (pos[None, ks:ke] <= pos[qs:qe, None])
-        outs.append(_attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, mask)[0])
-    return torch.cat(outs)
+        o, lse = _attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, mask)
+        outs.append(o[0])
+        lses.append(lse[0])
+    if not outs:
+        return q.new_empty(q.shape), q.new_empty(q.shape[1], 0, dtype=_acc(q[:0]).dtype)
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def _packed_attention_qk(q, k, v, causal, scale, cu_q, cu_k):
+    # Different query and key documents, one document at a time (inference: few documents).
+    # -> o (total_q, n_heads, d), lse (n_heads, total_q)
+    outs, lses = [], []
+    for (qs, qe), (ks, ke) in zip(zip(cu_q[:-1].tolist(), cu_q[1:].tolist()), zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
+        mask = _causal_mask(qe - qs, ke - ks, q.device) if causal else None
+        o, lse = _attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, mask)
+        outs.append(o[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def _rotary_positions(position_ids, b, sk, sq, seqlens_k, device):
+    # -> key positions (batch, sk) and query positions (batch, sq): the queries are the last sq keys
+    if position_ids is not None:
+        pos_k = position_ids.long().expand(b, sk)
+    else:
+        pos_k = torch.arange(sk, device=device).expand(b, sk)
+    last = seqlens_k.long()[:, None] if seqlens_k is not None else torch.full((b, 1), sk, device=device)
+    q_idx = (last - sq + torch.arange(sq, device=device)[None]).clamp(min=0)
+    return pos_k, pos_k.gather(1, q_idx)
 
 
 @register("flash_attention", "torch")
 def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-                    rotary=None, position_ids=None):
+                    rotary=None, position_ids=None, cu_seqlens_k=None, max_seqlen_k=None, seqlens_k=None,
+                    return_lse=False):
     """softmax(q k^T * scale [+ causal/document mask]) v, GQA by head groups.
 
-    Batched: q (batch, seq, n_heads, d); k, v (batch, seq, n_kv_heads, d).
-    Packed: q (total, n_heads, d), documents delimited by cu_seqlens; with rotary and no
-    position_ids, positions restart at 0 in every document.
+    Batched: q (batch, sq, n_heads, d); k, v (batch, sk, n_kv_heads, d); causal is bottom-right
+    aligned (query i sees keys 0 .. i + sk - sq); seqlens_k (batch,): only the first seqlens_k[b]
+    keys of sequence b exist, and its queries are the last sq of them.
+    Packed: q (total_q, n_heads, d), k, v (total_k, ...), documents delimited by cu_seqlens (queries)
+    and cu_seqlens_k (keys, default cu_seqlens). Rotary: position_ids index the keys ((batch, sk) or
+    (total_k,)), by default 0.. restarting per document; queries sit at the last positions.
+    -> o, or (o, lse) with lse (batch, n_heads, sq) or packed (n_heads, total_q), float32 (float64 for
+    float64 inputs).
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is None:
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         if rotary is not None:
-            q, k = apply_rotary(q, k, rotary[0], rotary[1], position_ids)
-        s = q.shape[1]
-        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril() if causal else None
-        return _attention(q, k, v, scale, mask)
-    total = q.shape[0]
-    if rotary is not None:
-        pos = position_ids if position_ids is not None else document_positions(cu_seqlens, total)
-        q, k = apply_rotary(q[None], k[None], rotary[0], rotary[1], pos.reshape(1, total))
-        q, k = q[0], k[0]
-    return _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+            pos_k, pos_q = _rotary_positions(position_ids, b, sk, sq, seqlens_k, q.device)
+            q = _rotate(q, rotary[0][pos_q][:, :, None, :], rotary[1][pos_q][:, :, None, :], False)
+            k = _rotate(k, rotary[0][pos_k][:, :, None, :], rotary[1][pos_k][:, :, None, :], False)
+        if seqlens_k is None:
+            mask = _causal_mask(sq, sk, q.device) if causal else None
+        else:
+            lens = seqlens_k.long()
+            valid = torch.arange(sk, device=q.device) < lens[:, None]  # (batch, sk)
+            # rows past a sequence's keys may hold anything (an unfilled cache): never let them in
+            v = v.masked_fill(~valid[:, :, None, None], 0)
+            mask = valid[:, None, None, None, :]
+            if causal:
+                mask = mask & (torch.arange(sk, device=q.device) <= _causal_mask(sq, lens, q.device))
+        o, lse = _attention(q, k, v, scale, mask)
+    else:
+        cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+        if rotary is not None:
+            total_k = k.shape[0]
+            pos_k = position_ids.long() if position_ids is not None else document_positions(cu_k, total_k)
+            # query token t of document j sits at key index cu_k[j+1] - (cu_q[j+1] - t)
+            doc = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(q.shape[0], device=q.device), right=True)
+            q_idx = cu_k.long()[doc + 1] - (cu_seqlens.long()[doc + 1] - torch.arange(q.shape[0], device=q.device))
+            pos_q = pos_k[q_idx]
+            q = _rotate(q, rotary[0][pos_q][:, None, :], rotary[1][pos_q][:, None, :], False)
+            k = _rotate(k, rotary[0][pos_k][:, None, :], rotary[1][pos_k][:, None, :], False)
+        if cu_seqlens_k is None or cu_seqlens_k is cu_seqlens or torch.equal(cu_seqlens_k, cu_seqlens):
+            o, lse = _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+        else:
+            o, lse = _packed_attention_qk(q, k, v, causal, scale, cu_seqlens, cu_k)
+    if not return_lse:
+        return o
+    return o, (lse if lse.dtype == torch.float64 else lse.float())
 
 
 # ---------------------------------------------------------------------------- cross-entropy

@@ -68,7 +68,10 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
     )
 
 
-def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
+def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None) -> dict:
+    """transformers' config.json. The special ids belong to the tokenizer, not the model: None (unknown)
+    is written as null rather than guessed."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
@@ -77,7 +80,7 @@ def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
         "rope_theta": cfg.rope_theta, "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "torch_dtype": str(dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -138,9 +141,11 @@ def load_hf(cls, path, device=None, dtype=None) -> Llama:
     return model
 
 
-def save_hf(model: Llama, path, max_shard_size: int = 5 * 2**30, dtype=None) -> None:
+def save_hf(model: Llama, path, max_shard_size: int = 5 * 2**30, dtype=None, bos_token_id: int | None = None,
+            eos_token_id: int | None = None) -> None:
     """Shards of at most ``max_shard_size`` bytes, with model.safetensors.index.json when more
-    than one. Files are written to a temporary directory and moved in once complete."""
+    than one. Files are written to a temporary directory and moved in once complete. With the
+    tokenizer's special ids, also generation_config.json, so that transformers' generate stops at EOS."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
@@ -170,7 +175,11 @@ def save_hf(model: Llama, path, max_shard_size: int = 5 * 2**30, dtype=None) -> 
                 total += v.numel() * v.element_size()
             del tensors
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_to_hf(model.cfg, dtype), f, indent=2)
+            json.dump(config_to_hf(model.cfg, dtype, bos_token_id, eos_token_id), f, indent=2)
+        if bos_token_id is not None or eos_token_id is not None:
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({"bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+                           "pad_token_id": eos_token_id}, f, indent=2)
         if len(shards) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -103,14 +104,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, position_ids=None):
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, position_ids=None, *, cache=None):
         # x (batch, seq, dim). Head counts come from the weights' local shapes (-1), so the
         # same code runs on tensor-parallel shards holding a slice of the heads.
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        if cu_seqlens is None:
+        if cache is not None:
+            # Rotated here, once, so that the cache holds rotated keys and decoding never re-rotates them.
+            q, k = mk.apply_rotary(q, k, rope[0], rope[1], position_ids)
+            o = cache.attend(q, k, v, cu_seqlens, max_seqlen)
+        elif cu_seqlens is None:
             o = mk.flash_attention(q, k, v, causal=True, rotary=rope, position_ids=position_ids)
         else:  # packed documents: (batch * seq) tokens delimited by cu_seqlens
             pos = position_ids.reshape(b * s) if position_ids is not None else None
@@ -129,13 +134,85 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, position_ids=None):
-        # x (batch, seq, dim) is the residual stream
-        a = self.attention(self.attention_norm(x), rope, cu_seqlens, max_seqlen, position_ids)
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, position_ids=None, *, cache=None):
+        # x (batch, seq, dim) is the residual stream; cache: a KVCache (inference)
+        a = self.attention(self.attention_norm(x), rope, cu_seqlens, max_seqlen, position_ids,
+                           cache=cache.layer(self.layer_id) if cache is not None else None)
         # h = x + a, y = rms_norm(h): one pass instead of two. Under autocast the attention output is
         # bf16 while the residual stream stays in its own dtype (float32): the add happens there.
         y, h = self.ffn_norm(a.to(x.dtype), residual=x)
         return h + self.feed_forward(y)
+
+
+class KVCache:
+    """Keys and values of every layer for ``batch`` sequences of up to ``capacity`` tokens (inference).
+
+    Preallocated once, in the model's dtype and GQA-sized (n_kv_heads, not n_heads): layer i's keys
+    are ``k[i]`` (batch, capacity, n_kv_heads, head_dim). Keys are stored rotated. ``lengths[b]``
+    tokens of sequence b are cached. A step is announced first: ``prefill`` packs the prompts back
+    to back (no padding), ``decode`` feeds one token per sequence; each returns the arguments the
+    model's forward takes for that step.
+    """
+
+    def __init__(self, cfg: LlamaConfig, batch: int, capacity: int, dtype: torch.dtype, device=None):
+        shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._rows = self._slots = self._take = None  # where this step's new keys go
+        self._seqlens_k = None  # decode: keys each query sees
+        self._span = 0  # decode: cache rows any sequence uses
+
+    def prefill(self, lengths: Sequence[int]) -> dict:
+        """Empty cache, prompts of ``lengths`` tokens packed into one (1, sum(lengths)) row."""
+        dev = self.lengths.device
+        n = torch.tensor(lengths, dtype=torch.int32, device=dev)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=dev)
+        cu[1:] = n.cumsum(0)
+        self._rows = torch.repeat_interleave(torch.arange(len(lengths), device=dev), n.long())
+        self._slots = mk.reference.document_positions(cu, int(cu[-1]))
+        self._take = None
+        self.lengths = n
+        return dict(cu_seqlens=cu, max_seqlen=max(lengths), position_ids=self._slots[None])
+
+    def decode(self, active: torch.Tensor) -> dict:
+        """One token per sequence, (batch, 1); the cache grows where ``active`` (batch,) bool is set.
+        Inactive sequences still run (their output is ignored) but write nothing."""
+        pos = self.lengths.clamp(max=self.capacity - 1)
+        self._take = active.nonzero()[:, 0]
+        self._rows, self._slots = self._take, pos[self._take].long()
+        self.lengths = self.lengths + active.to(torch.int32)
+        self._seqlens_k = self.lengths
+        self._span = int(self.lengths.max())
+        return dict(position_ids=pos[:, None].long())
+
+    def layer(self, i: int) -> "_LayerCache":
+        return _LayerCache(self, i)
+
+
+class _LayerCache:
+    """One layer's view of a KVCache: stores this step's keys and values and attends."""
+
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.k, self.v = cache, cache.k[i], cache.v[i]
+
+    def attend(self, q, k, v, cu_seqlens, max_seqlen):
+        # q (batch, seq, n_heads, d); k, v (batch, seq, n_kv_heads, d), rotated -> (batch, seq, n_heads, d)
+        c = self.cache
+        b, s, _, d = q.shape
+        k, v = k.reshape(b * s, -1, d), v.reshape(b * s, -1, d)
+        if c._take is not None:
+            k, v = k[c._take], v[c._take]
+        self.k[c._rows, c._slots] = k
+        self.v[c._rows, c._slots] = v
+        if cu_seqlens is not None:  # prefill: a prompt's keys are exactly the fresh ones
+            o = mk.flash_attention(q.reshape(b * s, -1, d), k, v, causal=True, cu_seqlens=cu_seqlens,
+                                   max_seqlen=max_seqlen)
+        else:  # decode: the new query row against the cache, each sequence its own length
+            o = mk.flash_attention(q, self.k[:, :c._span], self.v[:, :c._span], causal=True,
+                                   seqlens_k=c._seqlens_k)
+        return o.reshape(b, s, -1, d)
 
 
 class Llama(nn.Module):
@@ -194,21 +271,23 @@ class Llama(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, tokens, *, cu_seqlens=None, max_seqlen=None, position_ids=None):
+    def hidden_states(self, tokens, *, cu_seqlens=None, max_seqlen=None, position_ids=None, cache=None):
         """tokens (batch, seq) int64 -> (batch, seq, dim) after the final norm.
 
         On a pipeline stage without the embedding, ``tokens`` is the previous stage's
         (batch, seq, dim) output, and without the final norm the last layer's output is returned.
+        cache: a KVCache whose step (KVCache.prefill / KVCache.decode) made these arguments.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         rope = (self.rope_cos, self.rope_sin)
         for layer in self.layers.values():
-            h = layer(h, rope, cu_seqlens, max_seqlen, position_ids)
+            h = layer(h, rope, cu_seqlens, max_seqlen, position_ids, cache=cache)
         return self.norm(h) if self.norm is not None else h
 
-    def forward(self, tokens, *, cu_seqlens=None, max_seqlen=None, position_ids=None):
+    def forward(self, tokens, *, cu_seqlens=None, max_seqlen=None, position_ids=None, cache=None):
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab)."""
-        h = self.hidden_states(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids)
+        h = self.hidden_states(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids,
+                               cache=cache)
         return self.output(h) if self.output is not None else h
 
     def loss(self, tokens, targets, *, ignore_index=-100, cu_seqlens=None, max_seqlen=None, position_ids=None):
@@ -220,6 +299,89 @@ class Llama(nn.Module):
         w = self.output.weight
         return mk.fused_linear_cross_entropy(h, w.to(h.dtype), targets, ignore_index=ignore_index)
 
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, stop_ids: Iterable[int] = (), seed: int | None = None,
+                 progress: bool | None = None) -> list[list[int]]:
+        """Continue every prompt (a list of token ids; any lengths, in one batch) -> the new ids of each.
+
+        The prompts are prefilled together, packed without padding, into a KV cache; then every
+        sequence decodes one token per step. temperature 0 is greedy; otherwise the softmax of
+        logits / temperature is sampled from its top-p nucleus (the fewest most likely tokens whose
+        probability reaches top_p). A sequence stops after a token in stop_ids (which is kept), after
+        max_new_tokens, or when prompt and continuation fill the context (cfg.max_seq_len). seed
+        makes sampling reproducible (a torch.Generator on the model's device); None draws from the
+        global generator. progress: a tqdm bar; None shows one for 256 or more new tokens.
+        """
+        if self.tok_embeddings is None or self.output is None:
+            raise ValueError("generate needs the whole model (this one lacks its embedding or its output head)")
+        prompts, stop = self._check_generate(prompts, max_new_tokens, temperature, top_p, stop_ids, seed)
+        ctx = self.cfg.max_seq_len
+        lengths = [len(p) for p in prompts]
+        budget = [min(max_new_tokens, ctx - n) for n in lengths]
+        device, dtype = self.output.weight.device, self.output.weight.dtype
+        # the last new token is returned, never fed back: it needs no cache row
+        cache = KVCache(self.cfg, len(prompts), max(n + m - 1 for n, m in zip(lengths, budget)), dtype, device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max(budget), desc="generate", unit="tok", leave=False,
+                   disable=(not progress) if progress is not None else (max(budget) < 256 or None))
+        try:
+            tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]
+            step = cache.prefill(lengths)
+            h = self.hidden_states(tokens, cache=cache, **step)[0, step["cu_seqlens"][1:].long() - 1]
+            out: list[list[int]] = [[] for _ in prompts]
+            active = [True] * len(prompts)
+            while True:
+                nxt = _sample(self.output(h).float(), temperature, top_p, generator)  # (batch,)
+                for i, t in enumerate(nxt.tolist()):
+                    if active[i]:
+                        out[i].append(t)
+                        active[i] = t not in stop and len(out[i]) < budget[i]
+                bar.update(1)
+                if not any(active):
+                    return out
+                step = cache.decode(torch.tensor(active, device=device))
+                h = self.hidden_states(nxt[:, None], cache=cache, **step)[:, 0]
+        finally:
+            bar.close()
+
+    def _check_generate(self, prompts, max_new_tokens, temperature, top_p, stop_ids, seed):
+        if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence) or not prompts:
+            raise TypeError("prompts must be a non-empty list of token-id lists")
+        vocab, ctx = self.cfg.vocab_size, self.cfg.max_seq_len
+        clean = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, (str, torch.Tensor)) or not isinstance(p, Sequence):
+                raise TypeError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
+            if not p:
+                raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token (e.g. BOS)")
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in p):
+                raise ValueError(f"prompts[{i}] must hold ints in [0, vocab_size={vocab})")
+            if len(p) >= ctx:
+                raise ValueError(f"prompts[{i}] has {len(p)} tokens, but the context holds {ctx}: a prompt may "
+                                 f"have at most {ctx - 1} so that one token can be generated")
+            clean.append(list(p))
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if isinstance(stop_ids, int):
+            stop_ids = (stop_ids,)
+        stop = set(stop_ids)
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in stop):
+            raise TypeError(f"stop_ids must be token ids (ints), got {sorted(stop, key=str)}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        return clean, stop
+
     # ------------------------------------------------------------------ Hugging Face format
     @classmethod
     def from_hf(cls, path, device=None, dtype=None) -> "Llama":
@@ -228,8 +390,24 @@ class Llama(nn.Module):
 
         return load_hf(cls, path, device=device, dtype=dtype)
 
-    def save_hf(self, path, max_shard_size: int = 5 * 2**30, dtype=None) -> None:
-        """Write config.json + safetensors loadable by transformers.LlamaForCausalLM.from_pretrained."""
+    def save_hf(self, path, max_shard_size: int = 5 * 2**30, dtype=None, bos_token_id: int | None = None,
+                eos_token_id: int | None = None) -> None:
+        """Write config.json + safetensors loadable by transformers.LlamaForCausalLM.from_pretrained,
+        with the tokenizer's special ids when given (train.export passes them)."""
         from .hf import save_hf
 
-        save_hf(self, path, max_shard_size=max_shard_size, dtype=dtype)
+        save_hf(self, path, max_shard_size=max_shard_size, dtype=dtype, bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """logits (batch, vocab) float32 -> token ids (batch,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True)
+        # keep a token while the more likely ones before it hold less than top_p (the first always)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+        return order.gather(-1, torch.multinomial(probs, 1, generator=generator))[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

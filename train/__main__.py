@@ -1,10 +1,16 @@
-"""python -m train (or torchrun ... -m train): see README.md and train/config.py for the options."""
+"""python -m train (or torchrun ... -m train): see README.md and train/config.py for the options.
+
+Exit codes: 0 done; 1 training stopped (non-finite loss under nan_policy = stop, too many
+skipped steps); 2 a user error (config, data, unusable checkpoint), one line on stderr;
+128 + signal (143 SIGTERM, 130 SIGINT) interrupted, after saving a checkpoint that --resume
+continues exactly."""
 import os
 import sys
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, help_text, parse_args
 from .data import ShardError
-from .trainer import TrainingStopped, fault_injection_hooks, run
+from .trainer import TrainingInterrupted, TrainingStopped, fault_injection_hooks, run
 
 
 def main(argv=None) -> int:
@@ -14,17 +20,28 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg, flags = parse_args(argv)
-        run(cfg, resume=flags["resume"], hooks=fault_injection_hooks())
+        run(cfg, resume=flags["resume"], hooks=fault_injection_hooks(), overwrite=flags["overwrite"])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except ShardError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        if _rank() == 0:
+            print(f"training interrupted: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _exit(code: int) -> None:

@@ -7,6 +7,7 @@ inconsistent batch sizes are rejected with a message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -27,6 +28,15 @@ class ModelSection:
     preset: str = opt("tiny", "model preset: llama2-7b, llama2-13b, llama2-70b, meditron-7b, meditron-70b or tiny")
     backend: str = opt("auto", "kernel backend for every op: auto, torch, triton or cuda")
     init_from_hf: str = opt("", "start from this Hugging Face Llama directory (continued pretraining); '' = random init")
+    # Shape overrides on top of the preset; 0 keeps the preset's value.
+    vocab_size: int = opt(0, "vocabulary size; 0 = the preset's (must cover data.tokenizer)")
+    dim: int = opt(0, "hidden size; 0 = the preset's")
+    n_layers: int = opt(0, "transformer blocks; 0 = the preset's")
+    n_heads: int = opt(0, "attention heads (dim / n_heads must be even); 0 = the preset's")
+    n_kv_heads: int = opt(0, "key/value heads (GQA; must divide n_heads); 0 = the preset's")
+    ffn_dim: int = opt(0, "SwiGLU hidden size; 0 = the preset's")
+    norm_eps: float = opt(0.0, "RMSNorm epsilon; 0 = the preset's")
+    rope_theta: float = opt(0.0, "rotary base; 0 = the preset's")
 
 
 @dataclass
@@ -65,7 +75,7 @@ class DataSection:
 
 @dataclass
 class EvalSection:
-    interval: int = opt(50, "validate every this many steps; 0 = never")
+    interval: int = opt(50, "validate every this many steps (and at the end), whatever metrics.log_interval; 0 = never")
     batches: int = opt(4, "validation micro batches per evaluation")
 
 
@@ -215,9 +225,70 @@ def apply_toml(cfg: Config, path: str) -> None:
             _set(cfg, k, v)
 
 
+MODEL_SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta")
+
+# the lowest allowed value of each numeric key, and how to say it
+_RANGES = {
+    "training.steps": (1, "a positive number of steps"),
+    "training.micro_batch": (1, "a positive batch size"),
+    "training.global_batch": (1, "a positive batch size"),
+    "training.seq_len": (1, "a positive number of tokens"),
+    "training.warmup_steps": (0, ">= 0"),
+    "training.decay_steps": (0, ">= 0 (0 = until training.steps)"),
+    "training.weight_decay": (0, ">= 0"),
+    "training.grad_clip": (0, ">= 0 (0 = no clipping)"),
+    "training.seed": (0, ">= 0"),
+    "training.max_skipped_steps": (1, ">= 1"),
+    "training.min_lr": (0, ">= 0"),
+    "eval.interval": (0, ">= 0 (0 = never)"),
+    "eval.batches": (1, ">= 1"),
+    "checkpoint.interval": (0, ">= 0 (0 = only at the end)"),
+    "checkpoint.keep_last": (1, ">= 1"),
+    "metrics.log_interval": (1, ">= 1"),
+    "metrics.peak_tflops": (0, ">= 0 (0 = from the device table)"),
+    "parallel.tp": (1, "a positive degree"),
+    "parallel.pp": (1, "a positive number of stages"),
+    "parallel.virtual_stages": (1, "a positive number of stages per rank"),
+}
+
+
+def _fields(cfg: Config):
+    """(key, value) of every config field, 'section.name' keys."""
+    for sname, section in _sections(cfg).items():
+        for f in dataclasses.fields(section):
+            yield f"{sname}.{f.name}", getattr(section, f.name)
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Consistency checks that need more than one key; each error names the keys involved."""
+    """Every key's range, and consistency checks across keys; each error names the keys involved."""
     from model import PRESETS
+
+    for key, value in _fields(cfg):  # NaN and infinity fit no key
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
+    for key, (low, meaning) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low:
+            raise ConfigError(f"{key} must be {meaning}, got {value!r}")
+    for name in MODEL_SHAPE_KEYS:
+        value = getattr(cfg.model, name)
+        if value < 0:
+            raise ConfigError(f"model.{name} must be positive, or 0 for the preset's value, got {value!r}")
+        if value and cfg.model.init_from_hf:
+            raise ConfigError(f"model.{name} cannot be combined with model.init_from_hf: the shape comes from "
+                              f"{cfg.model.init_from_hf}/config.json")
+    t = cfg.training
+    if not t.lr > 0:
+        raise ConfigError(f"training.lr must be > 0, got {t.lr!r}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ConfigError(f"training.{key} must be in [0, 1), got {getattr(t, key)!r}")
+    if not t.eps > 0:
+        raise ConfigError(f"training.eps must be > 0, got {t.eps!r}")
+    if not cfg.out_dir:
+        raise ConfigError("out_dir must not be empty")
 
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -226,13 +297,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset must be one of {sorted(PRESETS)}, got {cfg.model.preset!r}")
-    t, p = cfg.training, cfg.parallel
-    for key in ("steps", "micro_batch", "global_batch", "seq_len"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"training.{key} must be positive, got {getattr(t, key)}")
-    for key in ("tp", "pp", "virtual_stages"):
-        if getattr(p, key) <= 0:
-            raise ConfigError(f"parallel.{key} must be positive, got {getattr(p, key)}")
+    p = cfg.parallel
     if world_size % (p.tp * p.pp):
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
                           f"{p.tp} x {p.pp} = {p.tp * p.pp}")
@@ -251,10 +316,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"data.weights must be non-negative with a positive sum, got {d.weights}")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
-    if cfg.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
-    if cfg.metrics.log_interval < 1:
-        raise ConfigError(f"metrics.log_interval must be >= 1, got {cfg.metrics.log_interval}")
 
 
 def validate_parallel(cfg: Config, world_size: int, model_cfg) -> None:
@@ -313,12 +374,12 @@ def validate_parallel(cfg: Config, world_size: int, model_cfg) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[Config, dict]:
-    """-> (config, flags) where flags holds resume / init_from_hf given on the command line.
+    """-> (config, flags) where flags holds resume, overwrite and config given on the command line.
 
-    Accepts --config FILE, --out-dir DIR, --steps N, --resume, --init-from-hf PATH and
-    --section.key=value (or --section.key value)."""
+    Accepts --config FILE, --out-dir DIR, --steps N, --resume, --overwrite, --init-from-hf PATH
+    and --section.key=value (or --section.key value)."""
     cfg = Config()
-    flags = {"resume": False, "config": None}
+    flags = {"resume": False, "overwrite": False, "config": None}
     overrides: list[tuple[str, str]] = []
     i = 0
     while i < len(argv):
@@ -326,10 +387,10 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key=value")
         name, eq, value = arg[2:].partition("=")
-        if name == "resume":
+        if name in ("resume", "overwrite"):
             if eq:
-                raise ConfigError("--resume takes no value")
-            flags["resume"] = True
+                raise ConfigError(f"--{name} takes no value")
+            flags[name] = True
             i += 1
             continue
         if not eq:
@@ -351,8 +412,14 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
 
 
 def help_text() -> str:
-    lines = ["usage: python -m train [--config FILE] [--out-dir DIR] [--steps N] [--resume] [--init-from-hf PATH]",
-             "                       [--section.key=value ...]", "", "config keys (default):"]
+    lines = ["usage: python -m train [--config FILE] [--out-dir DIR] [--steps N] [--resume | --overwrite]",
+             "                       [--init-from-hf PATH] [--section.key=value ...]", "",
+             "  --resume     continue the run in --out-dir from its newest checkpoint that verifies",
+             "               (starts from step 0, saying so, when there is none)",
+             "  --overwrite  start over in a used --out-dir: deletes its checkpoints/, metrics.jsonl,",
+             "               config.json and tensorboard/ (without it a used --out-dir is refused)",
+             "  SIGTERM or Ctrl-C saves a checkpoint after the current step and exits with 128 + signal",
+             "  (143 or 130); --resume continues exactly.", "", "config keys (default):"]
     cfg = Config()
     for sname, section in _sections(cfg).items():
         for f in dataclasses.fields(section):

@@ -1,9 +1,12 @@
 """python -m train.export --checkpoint PATH --out DIR: a training checkpoint as a Hugging Face
-Llama directory (config.json + safetensors), loadable by transformers.LlamaForCausalLM.
+Llama directory (config.json + safetensors, the tokenizer and its special ids), loadable by
+transformers.LlamaForCausalLM and AutoTokenizer.
 
 PATH is a checkpoint directory (``.../checkpoints/step_00001000``) or a run directory, whose
 newest complete checkpoint is taken. Checkpoints of any parallel layout load: DCP reshards
-them into one full model on the CPU.
+them into one full model on the CPU. The tokenizer is the one the run's config.json names
+(data.tokenizer; a relative path is taken from the current directory, as training did), or
+--tokenizer.
 """
 from __future__ import annotations
 
@@ -18,17 +21,22 @@ import torch.distributed.checkpoint as dcp
 
 from model import Llama, LlamaConfig
 
-from .checkpoint import complete_checkpoints
+from .checkpoint import CheckpointError, resolve_verified
+from .tokenizer import load_tokenizer, save_tokenizer
 
 
 def resolve_checkpoint(path: str) -> str:
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    for candidate in (os.path.join(path, "checkpoints"), path):
-        found = complete_checkpoints(candidate)
-        if found:
-            return found[-1][1]
-    raise FileNotFoundError(f"{path}: no complete checkpoint (a step_XXXXXXXX directory with meta.json) found")
+    """The checkpoint directory to export, verified against its manifest."""
+    return resolve_verified(path, note=lambda msg: print(f"note: {msg}", file=sys.stderr))
+
+
+def run_tokenizer_spec(ckpt_path: str) -> str | None:
+    """data.tokenizer of the run that wrote the checkpoint (its config.json, two levels up), or None."""
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f).get("data", {}).get("tokenizer")
 
 
 def load_model(ckpt_path: str) -> Llama:
@@ -53,14 +61,28 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory for the Hugging Face files")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--tokenizer", default=None,
+                   help="byte, or a sentencepiece .model / HF tokenizer.json (default: the run's data.tokenizer)")
     args = p.parse_args(argv)
     try:
         ckpt_path = resolve_checkpoint(args.checkpoint)
-    except FileNotFoundError as e:
+        spec = args.tokenizer or run_tokenizer_spec(ckpt_path)
+        tok = load_tokenizer(spec) if spec is not None else None
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = load_model(ckpt_path)
-    model.save_hf(args.out, max_shard_size=int(args.max_shard_gb * 2**30), dtype=getattr(torch, args.dtype))
+    if tok is not None and tok.vocab_size > model.cfg.vocab_size:
+        print(f"error: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+              f"{model.cfg.vocab_size}", file=sys.stderr)
+        return 2
+    ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id) if tok is not None else {}
+    model.save_hf(args.out, max_shard_size=int(args.max_shard_gb * 2**30), dtype=getattr(torch, args.dtype), **ids)
+    if tok is not None:
+        save_tokenizer(tok, args.out)
+    else:
+        print("warning: no run config.json next to the checkpoint and no --tokenizer: exported without a "
+              "tokenizer (special ids unknown)", file=sys.stderr)
     print(f"exported {ckpt_path} -> {args.out}")
     return 0
 

@@ -18,8 +18,11 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
+import threading
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -27,10 +30,11 @@ import torch.distributed as dist
 
 import meditron_kernels as mk
 from model import LlamaConfig
+from model.llama import PRESETS
 
 from . import checkpoint as ckpt
 from . import parallelize as par
-from .config import Config, ConfigError, validate, validate_parallel
+from .config import MODEL_SHAPE_KEYS, Config, ConfigError, validate, validate_parallel
 from .data import Blend, bundled_corpora, load_shard, make_batch
 from .metrics import device_peak_flops, memory_gb, mfu
 from .tokenizer import load_tokenizer
@@ -39,10 +43,59 @@ from .tokenizer import load_tokenizer
 # global rank RANK kill itself (SIGKILL) when it reaches step STEP, on the job's first attempt
 # (TORCHELASTIC_RESTART_COUNT = 0), so that torchrun --max-restarts restarts the job.
 FAULT_ENV = "MEDITRON_TRAIN_TEST_KILL_RANK_AT_STEP"
+# The same for preemption: "RANK:STEP" sends SIGTERM to global rank RANK alone before step STEP.
+SIGNAL_ENV = "MEDITRON_TRAIN_TEST_SIGTERM_RANK_AT_STEP"
 
 
 class TrainingStopped(RuntimeError):
     """Raised by nan_policy='stop' (after saving the last good state) and after too many skipped steps."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after SIGTERM or SIGINT, once the checkpoint of the last finished step is saved."""
+
+    def __init__(self, signum: int, step: int, path: str):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"{signal.Signals(signum).name} after step {step}: checkpoint {path} saved; "
+                         "continue with --resume")
+
+
+class StopSignal:
+    """SIGTERM and SIGINT handlers that ask the loop to stop at the next step boundary.
+
+    The handler only records the signal: the loop saves a checkpoint after the step in flight
+    and leaves. Repeats are ignored (torchrun's agent forwards the signal it got to workers
+    that may have had it already), except a second Ctrl-C at least 2 s after the first, which
+    quits at once without saving."""
+
+    def __init__(self, announce: bool):
+        self.signum = 0
+        self.first_at = 0.0
+        self.announce = announce
+        self.previous = {}
+
+    def install(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signum:
+            if signum == signal.SIGINT and now - self.first_at >= 2.0:
+                os.write(2, b"\nsecond Ctrl-C: quitting without saving\n")
+                os._exit(128 + signum)
+            return
+        self.signum, self.first_at = signum, now
+        if self.announce:
+            name = signal.Signals(signum).name
+            os.write(2, f"\n{name}: saving a checkpoint after the current step, then stopping\n".encode())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,7 +125,8 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def model_config(cfg: Config) -> LlamaConfig:
-    """The model's shape, without building it: the preset, or an HF directory's config.json."""
+    """The model's shape, without building it: the preset with the model.* overrides, or an HF
+    directory's config.json."""
     if cfg.model.init_from_hf:
         from model.hf import config_from_hf
 
@@ -82,15 +136,34 @@ def model_config(cfg: Config) -> LlamaConfig:
                 return config_from_hf(json.load(f))
         except FileNotFoundError:
             raise ConfigError(f"model.init_from_hf: {path} does not exist") from None
-    mcfg = LlamaConfig.from_name(cfg.model.preset)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"model.init_from_hf: {path} is not a Llama config.json ({e})") from None
+    shape = dict(PRESETS[cfg.model.preset])
+    given = {k: getattr(cfg.model, k) for k in MODEL_SHAPE_KEYS if getattr(cfg.model, k)}
+    shape.update(given)
+    shape.setdefault("n_kv_heads", shape["n_heads"])
+
+    def name(k):  # the key a user would change
+        return f"model.{k}" if k in given else f"the preset's {k}"
+
+    if shape["dim"] % shape["n_heads"]:
+        raise ConfigError(f"{name('dim')} ({shape['dim']}) must be divisible by {name('n_heads')} ({shape['n_heads']})")
+    if shape["n_heads"] % shape["n_kv_heads"]:
+        raise ConfigError(f"{name('n_heads')} ({shape['n_heads']}) must be divisible by {name('n_kv_heads')} "
+                          f"({shape['n_kv_heads']})")
+    if (shape["dim"] // shape["n_heads"]) % 2:
+        raise ConfigError(f"the head size {name('dim')} / {name('n_heads')} = {shape['dim']} / {shape['n_heads']} "
+                          "must be even (rotary embeddings rotate pairs)")
+    mcfg = LlamaConfig(**shape)
     mcfg.max_seq_len = max(mcfg.max_seq_len, cfg.training.seq_len)
     return mcfg
 
 
 def check_model_fits(cfg: Config, mcfg: LlamaConfig, vocab_needed: int) -> None:
     if vocab_needed > mcfg.vocab_size:
+        hint = "model.init_from_hf" if cfg.model.init_from_hf else f"set --model.vocab_size={vocab_needed} or more"
         raise ConfigError(f"data.tokenizer has {vocab_needed} tokens but the model's vocab_size is "
-                          f"{mcfg.vocab_size} (model.preset / model.init_from_hf)")
+                          f"{mcfg.vocab_size} ({hint})")
     if cfg.training.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"training.seq_len {cfg.training.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
 
@@ -177,9 +250,124 @@ def load_data(cfg: Config, tokenizer):
         if d.weights:
             raise ConfigError("data.weights needs data.paths; the bundled corpus has its own mix")
     t = cfg.training
-    train = Blend(corpora, weights, t.seq_len, t.seed, d.val_fraction, "train")
-    val = Blend(corpora, weights, t.seq_len, t.seed, d.val_fraction, "val") if d.val_fraction > 0 else None
+    try:
+        train = Blend(corpora, weights, t.seq_len, t.seed, d.val_fraction, "train")
+        val = Blend(corpora, weights, t.seq_len, t.seed, d.val_fraction, "val") if d.val_fraction > 0 else None
+    except ValueError as e:  # a corpus shorter than one sequence (of its split)
+        raise ConfigError(f"training.seq_len = {t.seq_len} / data.val_fraction = {d.val_fraction}: {e}") from None
     return train, val
+
+
+def describe_data(cfg: Config, data: Blend) -> str:
+    names = [c.name for c in data.corpora]
+    mix = ", ".join(f"{n} {w:.0%}" for n, w in zip(names, data.weights))
+    source = "the bundled corpus" if not cfg.data.paths else f"{len(names)} shard(s)"
+    return f"{source} ({mix}), tokenizer {cfg.data.tokenizer}, {cfg.data.val_fraction:.0%} held out"
+
+
+# Files of a run directory the trainer owns: --overwrite deletes these and nothing else.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "tensorboard")
+
+
+def check_out_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
+    """A run directory belongs to one run: a used one needs --resume (continue it) or
+    --overwrite (start over). Reads only, so every rank of a job can check before any writes."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    out = cfg.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"out_dir {out!r} exists and is not a directory")
+    existing = out
+    while not os.path.isdir(existing):  # the deepest part that exists must let us create the rest
+        parent = os.path.dirname(os.path.abspath(existing))
+        if parent == os.path.abspath(existing):
+            break
+        existing = parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir {out!r} is not writable ({existing!r} does not let this user create files)")
+    if os.path.isdir(out) and not resume and not overwrite:
+        entries = sorted(os.listdir(out))
+        if entries:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise ConfigError(f"out_dir {out!r} is not empty ({shown}): continue its run with --resume, "
+                              "start over with --overwrite, or choose another --out-dir")
+
+
+def prepare_out_dir(cfg: Config, overwrite: bool) -> None:
+    """Rank 0 only: create out_dir; under --overwrite remove the previous run's files."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                path = os.path.join(cfg.out_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+    except OSError as e:
+        raise ConfigError(f"out_dir {cfg.out_dir!r}: {e.strerror or e}") from None
+
+
+def check_environment(cfg: Config, device: torch.device) -> None:
+    """What the config asks of the installation, checked before anything is built."""
+    if cfg.metrics.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("metrics.tensorboard = true needs the tensorboard package (pip install tensorboard)")
+    if cfg.model.backend == "cuda":
+        if device.type != "cuda":
+            raise ConfigError(f"model.backend = 'cuda' needs a CUDA device; training.device resolves to {device}")
+        if not mk.backend.cuda_extension_available():
+            from meditron_kernels import _cuda_ext
+
+            raise ConfigError(f"model.backend = 'cuda' needs the compiled extension: {_cuda_ext.why_unavailable()}")
+    if cfg.model.backend == "triton":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("model.backend = 'triton' needs the triton package")
+
+
+# Keys whose change breaks the exact data order or the saved tensors' meaning: a resumed run
+# must keep them. (training.global_batch is checked through the data position.)
+RESUME_KEYS = ("training.seed", "training.seq_len", "training.global_batch", "data.paths", "data.weights",
+               "data.val_fraction", "data.tokenizer")
+
+
+def _blend(paths: list, weights: list) -> tuple:
+    paths = [os.path.normpath(p) for p in paths]
+    w = weights or [1.0] * len(paths)
+    total = sum(w) or 1.0
+    return paths, [round(x / total, 12) for x in w]
+
+
+def check_resume_compatible(cfg: Config, mcfg: LlamaConfig, meta: dict, path: str, fingerprint: str) -> None:
+    """Refuse a checkpoint written with another seed, sequence length, data blend or model shape."""
+    saved = meta.get("config", {})
+    now = cfg.to_dict()
+    for key in RESUME_KEYS:
+        section, name = key.split(".")
+        if name not in saved.get(section, {}):
+            continue
+        was, is_ = saved[section][name], now[section][name]
+        if key == "data.tokenizer" and meta.get("tokenizer_fingerprint") == fingerprint:
+            continue  # the same tokenizer at another path
+        if key in ("data.paths", "data.weights"):
+            i = 0 if key == "data.paths" else 1
+            same = (_blend(saved["data"]["paths"], saved["data"]["weights"])[i]
+                    == _blend(now["data"]["paths"], now["data"]["weights"])[i])
+        else:
+            same = was == is_
+        if not same:
+            raise ConfigError(f"cannot resume from {path}: {key} was {was!r} there and is {is_!r} now (it fixes "
+                              "the data order); keep it, or start a new run in another --out-dir")
+    saved_shape = meta.get("model_config", {})
+    for name in MODEL_SHAPE_KEYS:
+        if name in saved_shape and saved_shape[name] != getattr(mcfg, name):
+            raise ConfigError(f"cannot resume from {path}: model.{name} was {saved_shape[name]!r} there and is "
+                              f"{getattr(mcfg, name)!r} now (the model's shape); keep it, or start a new run in "
+                              "another --out-dir")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -200,15 +388,23 @@ class Hooks:
 
 
 def fault_injection_hooks() -> Hooks:
-    """Hooks for the command line: empty unless the fault-injection test variable is set."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    """Hooks for the command line: empty unless a fault-injection test variable is set."""
+    kill = os.environ.get(FAULT_ENV, "")
+    term = os.environ.get(SIGNAL_ENV, "")
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        kill = ""
+    if not kill and not term:
         return Hooks()
-    rank, step = (int(v) for v in spec.split(":"))
+    actions = {}
+    for spec, sig in ((kill, signal.SIGKILL), (term, signal.SIGTERM)):
+        if spec:
+            rank, step = (int(v) for v in spec.split(":"))
+            if int(os.environ.get("RANK", "0")) == rank:
+                actions[step] = sig
 
     def before_step(s: int) -> None:
-        if s == step and int(os.environ.get("RANK", "0")) == rank:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if s in actions:
+            os.kill(os.getpid(), actions[s])
 
     return Hooks(before_step=before_step)
 
@@ -416,66 +612,114 @@ class Engine:
                 part.train()
 
 
-def run(cfg: Config, resume: bool = False, hooks: Hooks | None = None, progress: bool = True) -> list[dict]:
+def run(cfg: Config, resume: bool = False, hooks: Hooks | None = None, progress: bool = True,
+        overwrite: bool = False) -> list[dict]:
     """Train on cfg, in this process alone or as one rank of a torchrun job; -> the logged
-    metric rows (on every rank; rank 0 writes them)."""
+    metric rows (on every rank; rank 0 writes them).
+
+    Every user error is a ConfigError (or data.ShardError, checkpoint.CheckpointError) raised
+    before anything is built or written where it can be. SIGTERM and SIGINT save a checkpoint
+    after the step in flight and raise TrainingInterrupted."""
     hooks = hooks or Hooks()
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world_size=world_env)
-    t = cfg.training
-    device = resolve_device(t.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = None if cfg.model.backend == "auto" else cfg.model.backend
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        # torchrun restarted the job after a failure: continue from the last checkpoint (an
+        # --overwrite applied to the first attempt only)
+        resume, overwrite = True, False
+    check_out_dir(cfg, resume, overwrite)
+    device = resolve_device(cfg.training.device)
+    check_environment(cfg, device)
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except (OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(msg if "data.tokenizer" in msg else f"data.tokenizer {cfg.data.tokenizer!r}: {msg}") from None
     mcfg = model_config(cfg)
     check_model_fits(cfg, mcfg, tokenizer.vocab_size)
     validate_parallel(cfg, world_env, mcfg)
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
-        resume = True  # torchrun restarted the job after a failure: continue from the last checkpoint
+    data = load_data(cfg, tokenizer)  # a missing shard or a too short corpus is refused before any write
+    stop = StopSignal(announce=int(os.environ.get("RANK", "0")) == 0).install()
+    try:
+        return _train(cfg, resume, overwrite, hooks, progress, device, tokenizer, mcfg, data, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, hooks: Hooks, progress: bool, device: torch.device,
+           tokenizer, mcfg: LlamaConfig, data: tuple, stop: StopSignal) -> list[dict]:
+    t = cfg.training
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = None if cfg.model.backend == "auto" else cfg.model.backend
 
     layout = par.make_layout(cfg, device)
     rank0 = not layout.distributed or dist.get_rank() == 0
+    if layout.distributed:
+        dist.barrier()  # every rank has checked out_dir before rank 0 writes there
     if rank0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        prepare_out_dir(cfg, overwrite)
     seed_everything(t.seed)
-    train_data, val_data = load_data(cfg, tokenizer)
+    train_data, val_data = data
     engine = Engine(cfg, layout, device, mcfg)
     parts = engine.parts
     optimizer = build_optimizer(parts, cfg, device)
     scheduler = PartSchedulers(optimizer, cfg)
 
+    def say(msg: str) -> None:
+        if rank0:
+            print(msg, flush=True)
+
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-    start_step, skipped_total = 0, 0
+    start_step, skipped_total, resumed = 0, 0, False
+    run_id = uuid.uuid4().hex[:12]
     if resume:
         found = ckpt.complete_checkpoints(ckpt_dir)
         if layout.distributed:  # every rank must agree on the checkpoint (rank 0's view wins)
             box = [found]
             dist.broadcast_object_list(box, src=0)
             found = box[0]
-        if found:
-            meta = ckpt.load(found[-1][1], None, optimizer, scheduler, model_parts=parts, layout=layout.as_dict())
-            start_step, skipped_total = meta["step"], meta.get("skipped_steps", 0)
-            if rank0:
-                print(f"resuming from {found[-1][1]} (step {start_step}, saved with layout {meta.get('layout')})",
-                      flush=True)
-            if meta.get("data_position") != start_step * t.global_batch:
-                raise ConfigError(f"checkpoint {found[-1][1]} was written with another training.global_batch")
+        if not found:
+            say(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
+        else:
+            path, rejected = ckpt.newest_valid(found)
+            if path is None:
+                raise ckpt.CheckpointError(f"--resume: no checkpoint in {ckpt_dir} verifies ({'; '.join(rejected)})")
+            if rejected:
+                # moved aside (kept for inspection) so that pruning and later resumes skip them
+                if rank0:
+                    for line in rejected:
+                        ckpt.set_aside(os.path.join(ckpt_dir, line.split(":")[0]))
+                if layout.distributed:
+                    dist.barrier()
+                say(f"--resume: {'; '.join(rejected)}; falling back to {os.path.basename(path)}, the newest "
+                    "checkpoint that verifies (the others are renamed rejected-step_*)")
+            meta = ckpt.read_meta(path)
+            check_resume_compatible(cfg, mcfg, meta, path, tokenizer.fingerprint)
+            if meta.get("data_position") != meta["step"] * t.global_batch:
+                raise ConfigError(f"checkpoint {path} was written with another training.global_batch")
+            meta = ckpt.load(path, None, optimizer, scheduler, model_parts=parts, layout=layout.as_dict())
+            start_step, skipped_total, resumed = meta["step"], meta.get("skipped_steps", 0), True
+            run_id = meta.get("run_id") or run_id
+            say(f"resuming from {path} (step {start_step}, saved with layout {meta.get('layout')})")
     writer = None
     if rank0:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
-        writer = MetricsWriter(cfg.out_dir, start_step if resume else None, cfg.metrics.tensorboard)
+        writer = MetricsWriter(cfg.out_dir, start_step if resumed else None, cfg.metrics.tensorboard)
 
     flops_tok = mcfg.flops_per_token(t.seq_len)
     flops_tok_paper = 6 * mcfg.num_params()
     peak = device_peak_flops(device, cfg.metrics.peak_tflops)
+    if rank0:
+        print(banner(cfg, mcfg, layout, device, backend, train_data), flush=True)
 
-    def save(step: int):
-        ckpt.save(ckpt_dir, step, None, optimizer, scheduler,
-                  dict(data_position=step * t.global_batch, skipped_steps=skipped_total, config=cfg.to_dict(),
-                       model_config=dataclasses.asdict(mcfg), layout=layout.as_dict()),
-                  cfg.checkpoint.keep_last, model_parts=parts)
+    def save(step: int) -> str:
+        return ckpt.save(ckpt_dir, step, None, optimizer, scheduler,
+                         dict(data_position=step * t.global_batch, skipped_steps=skipped_total, run_id=run_id,
+                              config=cfg.to_dict(), model_config=dataclasses.asdict(mcfg), layout=layout.as_dict(),
+                              tokenizer_fingerprint=tokenizer.fingerprint),
+                         cfg.checkpoint.keep_last, model_parts=parts)
 
     rows = []
     bar = None
@@ -500,7 +744,15 @@ def run(cfg: Config, resume: bool = False, hooks: Hooks | None = None, progress:
             # one all-reduce gives the global gradient norm and the global mean loss
             share = local_loss * engine.loss_weight if layout.distributed else local_loss
             grad_norm, step_loss = par.global_grad_norm(parts, layout, share)
-            finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))  # the one sync per step
+            finite_t = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+            if layout.distributed:
+                # every rank stops after the same step: the largest signal number seen by any rank
+                flag = torch.tensor(float(stop.signum), device=finite_t.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                finite, signum = torch.stack([finite_t.float(), flag]).tolist()  # the one sync per step
+                finite, signum = bool(finite), int(signum)
+            else:
+                finite, signum = bool(finite_t), stop.signum  # the one sync per step
             if finite:
                 par.clip_grads_(parts, clip, grad_norm)
                 optimizer.step()
@@ -522,7 +774,10 @@ def run(cfg: Config, resume: bool = False, hooks: Hooks | None = None, progress:
             done = step + 1
             if bar is not None:
                 bar.update(1)
-            if done % cfg.metrics.log_interval == 0 or done == t.steps:
+            evaluate = (val_data is not None and cfg.eval.interval > 0
+                        and (done % cfg.eval.interval == 0 or done == t.steps))
+            # a validation step is also a logged step: every row carries the training metrics
+            if done % cfg.metrics.log_interval == 0 or done == t.steps or evaluate:
                 now = time.perf_counter()
                 tps = window_tokens / (now - window_start)
                 row = dict(step=done, loss=step_loss.item(), lr=lr_at(step, cfg), grad_norm=grad_norm.item(),
@@ -530,9 +785,8 @@ def run(cfg: Config, resume: bool = False, hooks: Hooks | None = None, progress:
                            mfu=mfu(flops_tok, tps, layout.world, peak),
                            mfu_paper=mfu(flops_tok_paper, tps, layout.world, peak), memory_gb=memory_gb(device),
                            skipped_steps=skipped_total)
-                if val_data is not None and cfg.eval.interval and (done % cfg.eval.interval == 0 or done == t.steps):
-                    with mk.use_backend(backend):
-                        val_loss = engine.evaluate(val_data)
+                if evaluate:
+                    val_loss = engine.evaluate(val_data)
                     row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
                 rows.append(row)
                 if rank0:
@@ -542,8 +796,33 @@ def run(cfg: Config, resume: bool = False, hooks: Hooks | None = None, progress:
                            + (f" | val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
                     (bar.write if bar is not None else print)(msg)
                 window_tokens, window_start = 0, time.perf_counter()
+            saved = None
             if (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or done == t.steps:
-                save(done)
+                saved = save(done)
+            if signum and done < t.steps:
+                if bar is not None:
+                    bar.close()
+                raise TrainingInterrupted(signum, done, saved or save(done))
     if bar is not None:
         bar.close()
     return rows
+
+
+def banner(cfg: Config, mcfg: LlamaConfig, layout, device: torch.device, backend: str | None, data: Blend) -> str:
+    """What this run is, in a few lines, before the first step."""
+    t = cfg.training
+    model_name = cfg.model.init_from_hf or cfg.model.preset
+    overrides = [f"{k}={getattr(cfg.model, k)}" for k in MODEL_SHAPE_KEYS if getattr(cfg.model, k)]
+    kernels = mk.backend.resolve(backend, device)
+    return "\n".join([
+        f"model   {model_name}{' (' + ', '.join(overrides) + ')' if overrides else ''}: "
+        f"{mcfg.num_params() / 1e6:,.2f}M parameters (dim {mcfg.dim}, {mcfg.n_layers} layers, {mcfg.n_heads} heads, "
+        f"{mcfg.n_kv_heads} kv heads, ffn {mcfg.ffn_dim}, vocab {mcfg.vocab_size})",
+        f"tokens  {t.global_batch * t.seq_len:,} per step (global_batch {t.global_batch} x seq_len {t.seq_len}), "
+        f"{t.steps} steps",
+        f"data    {describe_data(cfg, data)}",
+        f"device  {device} x {layout.world} (pp {layout.pp} x dp {layout.dp} x tp {layout.tp}), {t.dtype}, "
+        f"kernels {cfg.model.backend}{' -> ' + kernels if cfg.model.backend == 'auto' else ''}",
+        f"output  {cfg.out_dir} (checkpoints in {os.path.join(cfg.out_dir, 'checkpoints')}, metrics in "
+        f"{os.path.join(cfg.out_dir, 'metrics.jsonl')})",
+    ])

@@ -83,6 +83,17 @@ def _doc_bounds(CU, bid, seqlen, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED: tl.constexpr, VAR_K: tl.constexpr):
+    # -> (start, length) of sequence `bid`'s queries, then of its keys. Batched keys may be fewer than
+    # k's rows (VAR_K: a KV cache filled to LENS_K[bid]).
+    start_q, lq = _doc_bounds(CU, bid, seqlen_q, PACKED)
+    start_k, lk = _doc_bounds(CU_K, bid, seqlen_k, PACKED)
+    if VAR_K:
+        lk = tl.load(LENS_K + bid)
+    return start_q, lq, start_k, lk
+
+
+@triton.jit
 def _tile_ptrs(base, rows, L, stride_s, WIDTH: tl.constexpr, PAD: tl.constexpr):
     # A [rows, PAD] tile of a [L, WIDTH] slab with unit column stride. Rows past L (the end of the
     # sequence) and columns past WIDTH (padding to a power of two) are masked off.
@@ -220,13 +231,14 @@ def _mm(x, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
 
 # ---------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, lo, hi, L, qk_scale,
+def _fwd_blocks(acc, l_i, m_i, q1, q2, last_m, lo, hi, L, qk_scale,
                 k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
                 USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SCALE_NEG: tl.constexpr):
-    # Key blocks [lo, hi) of the online softmax. Scores live in base 2 (qk_scale carries log2(e)).
+    # Key blocks [lo, hi) of the L keys in the online softmax; row r sees keys up to last_m[r] (CAUSAL).
+    # Scores live in base 2 (qk_scale carries log2(e)).
     dtype = v_base.dtype.element_ty
     for n0 in range(lo, hi, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
@@ -238,7 +250,7 @@ def _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, lo, hi, L, qk_scale,
         if MASK:
             keep = rows_n[None, :] < L
             if CAUSAL:
-                keep = keep & (rows_n[None, :] <= rows_m[:, None])
+                keep = keep & (rows_n[None, :] <= last_m[:, None])
             s = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
@@ -262,10 +274,12 @@ def _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, lo, hi, L, qk_scale,
 def _attn_fwd(
     Q, K, V,  # inputs: (batch, seq, heads, d) or packed (total, heads, d); unit stride along d
     O,  # output, Q's shape, contiguous
-    LSE,  # (batch, n_heads, seq) or packed (n_heads, total) fp32: natural log-sum-exp of each row's scores
-    CU,  # (n_docs + 1,) int32 document offsets (PACKED only)
+    LSE,  # (batch, n_heads, sq) or packed (n_heads, total_q) fp32: natural log-sum-exp of each row's scores
+    CU,  # (n_docs + 1,) int32 document offsets of the queries (PACKED only)
+    CU_K,  # (n_docs + 1,) int32 document offsets of the keys (PACKED only; CU itself when they are equal)
+    LENS_K,  # (batch,) int32 keys per sequence (VAR_K only)
     COS, SIN,  # (max_pos, d // 2) fp32 rotary tables, unit column stride (ROTARY only)
-    POS,  # position ids, (batch, seq) or (total,) (HAS_POS only)
+    POS,  # position ids of the keys, (batch, sk) or (total_k,) (HAS_POS only); queries take the last ones
     qk_scale,  # softmax_scale * log2(e): the softmax runs on exp2
     stride_qb, stride_qs, stride_qh,  # strides of Q in elements; the batch stride is 0 when PACKED
     stride_kb, stride_ks, stride_kh,
@@ -274,7 +288,7 @@ def _attn_fwd(
     stride_lb, stride_lh,  # LSE strides of a sequence and of a head; a row's offset adds its token index
     stride_rot,  # row stride of COS and SIN
     stride_pb, stride_ps,  # POS strides (batch stride 0 when PACKED)
-    seqlen,  # batched: the sequence length (PACKED: unused, lengths come from CU)
+    seqlen_q, seqlen_k,  # batched: the query and key lengths (PACKED: unused, lengths come from CU, CU_K)
     n_heads, n_batch,  # query heads; batch size or number of documents
     group,  # n_heads // n_kv_heads
     HEAD_DIM: tl.constexpr,  # d
@@ -283,58 +297,61 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per step; divides BLOCK_M, so the causal diagonal starts on a block
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
+    VAR_K: tl.constexpr,  # batched keys counted by LENS_K
     USE_TMA: tl.constexpr,  # tiles through TMA descriptors (sm_90)
     DOT_F32: tl.constexpr,  # interpreter only: bf16 matmul operands upcast to fp32
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else unused
     SCALE_NEG: tl.constexpr,  # softmax_scale < 0: the row maximum of the scaled scores is the scaled minimum
 ):
     head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
-    start, L = _doc_bounds(CU, bid, seqlen, PACKED)
+    start_q, Lq, start_k, Lk = _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED, VAR_K)
     m0 = blk * BLOCK_M
-    if m0 >= L:
+    if m0 >= Lq:
         return
+    off = Lk - Lq  # bottom-right alignment: query row r is key row r + off, and (CAUSAL) sees keys 0 .. r + off
     kvh = head // group
     b64 = bid.to(tl.int64)
-    q_base = Q + b64 * stride_qb + start * stride_qs + head.to(tl.int64) * stride_qh
-    k_base = K + b64 * stride_kb + start * stride_ks + kvh.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
+    q_base = Q + b64 * stride_qb + start_q * stride_qs + head.to(tl.int64) * stride_qh
+    k_base = K + b64 * stride_kb + start_k * stride_ks + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + start_k * stride_vs + kvh.to(tl.int64) * stride_vh
     rows_m = m0 + tl.arange(0, BLOCK_M)
-    pos_m = _positions(POS, bid, start, rows_m, L, stride_pb, stride_ps, HAS_POS)
-    q_desc = _make_desc(q_base, L, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
-    q1, q2 = _load_qk(q_base, q_desc, m0, rows_m, L, stride_qs, pos_m, COS, SIN, stride_rot,
+    pos_m = _positions(POS, bid, start_k, rows_m + off, Lk, stride_pb, stride_ps, HAS_POS)
+    q_desc = _make_desc(q_base, Lq, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
+    q1, q2 = _load_qk(q_base, q_desc, m0, rows_m, Lq, stride_qs, pos_m, COS, SIN, stride_rot,
                       HEAD_DIM, QK_PAD, ROTARY, USE_TMA, DOT_F32)
-    k_desc = _make_desc(k_base, L, HEAD_DIM, stride_ks, BLOCK_N, QK_PAD, USE_TMA)
-    v_desc = _make_desc(v_base, L, HEAD_DIM, stride_vs, BLOCK_N, D_PAD, USE_TMA)
+    k_desc = _make_desc(k_base, Lk, HEAD_DIM, stride_ks, BLOCK_N, QK_PAD, USE_TMA)
+    v_desc = _make_desc(v_base, Lk, HEAD_DIM, stride_vs, BLOCK_N, D_PAD, USE_TMA)
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if CAUSAL:
-        full_end = m0  # every key block before the diagonal is entirely visible
-        hi = tl.minimum(m0 + BLOCK_M, L)
+        # every key block up to the block's first row's last key is visible to all its rows
+        full_end = ((m0 + off + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M + off, Lk)
     else:
-        full_end = (L // BLOCK_N) * BLOCK_N
-        hi = L
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, 0, full_end, L, qk_scale,
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+        hi = Lk
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m + off, 0, full_end, Lk, qk_scale,
                                 k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                                start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                                 BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA,
                                 DOT_F32, PRECISION, SCALE_NEG)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, full_end, hi, L, qk_scale,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m + off, full_end, hi, Lk, qk_scale,
                                 k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                                start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                                 BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
                                 DOT_F32, PRECISION, SCALE_NEG)
     o = acc / l_i[:, None]
-    o_base = O + b64 * stride_ob + start * stride_os + head.to(tl.int64) * stride_oh
-    _store(o_base, rows_m, L, stride_os, o, HEAD_DIM, D_PAD)
-    lse_base = LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + start
-    tl.store(lse_base + rows_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows_m < L)
+    o_base = O + b64 * stride_ob + start_q * stride_os + head.to(tl.int64) * stride_oh
+    _store(o_base, rows_m, Lq, stride_os, o, HEAD_DIM, D_PAD)
+    lse_base = LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + start_q
+    tl.store(lse_base + rows_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows_m < Lq)
 
 
 # ---------------------------------------------------------------------------- backward: delta and dq
 @triton.jit
-def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, lo, hi, L, qk_scale,
+def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, last_m, lo, hi, L, qk_scale,
                k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
@@ -351,7 +368,7 @@ def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, lo, hi, L, qk_scale,
         if MASK:
             keep = rows_n[None, :] < L
             if CAUSAL:
-                keep = keep & (rows_n[None, :] <= rows_m[:, None])
+                keep = keep & (rows_n[None, :] <= last_m[:, None])
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -366,12 +383,11 @@ def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, lo, hi, L, qk_scale,
 def _attn_bwd_dq(
     Q, K, V, O, DO,  # forward inputs, output and its gradient (DO: unit stride along d)
     LSE,  # forward log-sum-exp
-    DELTA,  # out: rowsum(o * do) in fp32, LSE's layout, read by _attn_bwd_dkdv
+    DLSE,  # gradient of the log-sum-exp, LSE's layout (HAS_DLSE only)
+    DELTA,  # out: rowsum(o * do) - dlse in fp32, LSE's layout, read by _attn_bwd_dkdv
     DQ,  # out: gradient of q, Q's shape, contiguous
     QROT,  # out (ROTARY only): the rotated queries, DQ's shape and strides, for _attn_bwd_dkdv
-    KROT,  # out (ROTARY only): the rotated keys, contiguous like K, for _attn_bwd_dkdv
-    stride_krb, stride_krs, stride_krh,  # KROT's strides
-    CU, COS, SIN, POS,  # as in _attn_fwd
+    CU, CU_K, LENS_K, COS, SIN, POS,  # as in _attn_fwd
     qk_scale,  # softmax_scale * log2(e)
     sm_scale,  # softmax_scale: the chain-rule factor of dq
     stride_qb, stride_qs, stride_qh,
@@ -380,49 +396,55 @@ def _attn_bwd_dq(
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    stride_lb, stride_lh,  # shared by LSE and DELTA
+    stride_lb, stride_lh,  # shared by LSE, DLSE and DELTA
     stride_rot, stride_pb, stride_ps,
-    seqlen, n_heads, n_batch, group,
+    seqlen_q, seqlen_k, n_heads, n_batch, group,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr,
-    HAS_POS: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_POS: tl.constexpr, VAR_K: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
-    start, L = _doc_bounds(CU, bid, seqlen, PACKED)
+    start_q, Lq, start_k, Lk = _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED, VAR_K)
     m0 = blk * BLOCK_M
-    if m0 >= L:
+    if m0 >= Lq:
         return
+    off = Lk - Lq
     kvh = head // group
     b64 = bid.to(tl.int64)
     h64 = head.to(tl.int64)
-    q_base = Q + b64 * stride_qb + start * stride_qs + h64 * stride_qh
-    k_base = K + b64 * stride_kb + start * stride_ks + kvh.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
-    o_base = O + b64 * stride_ob + start * stride_os + h64 * stride_oh
-    do_base = DO + b64 * stride_dob + start * stride_dos + h64 * stride_doh
+    q_base = Q + b64 * stride_qb + start_q * stride_qs + h64 * stride_qh
+    k_base = K + b64 * stride_kb + start_k * stride_ks + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + start_k * stride_vs + kvh.to(tl.int64) * stride_vh
+    o_base = O + b64 * stride_ob + start_q * stride_os + h64 * stride_oh
+    do_base = DO + b64 * stride_dob + start_q * stride_dos + h64 * stride_doh
     rows_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows_m < L
+    row_ok = rows_m < Lq
 
-    do = _load(do_base, do_base, m0, rows_m, L, stride_dos, HEAD_DIM, D_PAD, False, False)
-    o = _load(o_base, o_base, m0, rows_m, L, stride_os, HEAD_DIM, D_PAD, False, False)
+    do = _load(do_base, do_base, m0, rows_m, Lq, stride_dos, HEAD_DIM, D_PAD, False, False)
+    o = _load(o_base, o_base, m0, rows_m, Lq, stride_os, HEAD_DIM, D_PAD, False, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    stat = b64 * stride_lb + h64 * stride_lh + start + rows_m
+    stat = b64 * stride_lb + h64 * stride_lh + start_q + rows_m
+    if HAS_DLSE:
+        # d lse / d s = p: a log-sum-exp gradient enters every score's gradient as -dlse * p, exactly
+        # where -delta * p does
+        delta -= tl.load(DLSE + stat, mask=row_ok, other=0.0)
     tl.store(DELTA + stat, delta, mask=row_ok)
     lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * _LOG2E
     if DOT_F32:
         do = do.to(tl.float32)
-    pos_m = _positions(POS, bid, start, rows_m, L, stride_pb, stride_ps, HAS_POS)
-    q1, q2 = _load_qk(q_base, q_base, m0, rows_m, L, stride_qs, pos_m, COS, SIN, stride_rot,
+    pos_m = _positions(POS, bid, start_k, rows_m + off, Lk, stride_pb, stride_ps, HAS_POS)
+    q1, q2 = _load_qk(q_base, q_base, m0, rows_m, Lq, stride_qs, pos_m, COS, SIN, stride_rot,
                       HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
-    dq_base = DQ + b64 * stride_dqb + start * stride_dqs + h64 * stride_dqh
+    dq_base = DQ + b64 * stride_dqb + start_q * stride_dqs + h64 * stride_dqh
     if ROTARY:
         # Rotated once here, so that the dk/dv kernel streams them instead of rotating each tile
         # group * (seq / BLOCK_N) times.
-        qrot_base = QROT + b64 * stride_dqb + start * stride_dqs + h64 * stride_dqh
-        _store(qrot_base, rows_m, L, stride_dqs, q1, HEAD_DIM // 2, QK_PAD)
-        _store(qrot_base + HEAD_DIM // 2, rows_m, L, stride_dqs, q2, HEAD_DIM // 2, QK_PAD)
-    k_desc = _make_desc(k_base, L, HEAD_DIM, stride_ks, BLOCK_N, QK_PAD, USE_TMA)
-    v_desc = _make_desc(v_base, L, HEAD_DIM, stride_vs, BLOCK_N, D_PAD, USE_TMA)
+        qrot_base = QROT + b64 * stride_dqb + start_q * stride_dqs + h64 * stride_dqh
+        _store(qrot_base, rows_m, Lq, stride_dqs, q1, HEAD_DIM // 2, QK_PAD)
+        _store(qrot_base + HEAD_DIM // 2, rows_m, Lq, stride_dqs, q2, HEAD_DIM // 2, QK_PAD)
+    k_desc = _make_desc(k_base, Lk, HEAD_DIM, stride_ks, BLOCK_N, QK_PAD, USE_TMA)
+    v_desc = _make_desc(v_base, Lk, HEAD_DIM, stride_vs, BLOCK_N, D_PAD, USE_TMA)
 
     dq1 = tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32)
     if ROTARY:
@@ -430,46 +452,38 @@ def _attn_bwd_dq(
     else:
         dq2 = tl.zeros([1], dtype=tl.float32)  # unused
     if CAUSAL:
-        full_end = m0
-        hi = tl.minimum(m0 + BLOCK_M, L)
+        full_end = ((m0 + off + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M + off, Lk)
     else:
-        full_end = (L // BLOCK_N) * BLOCK_N
-        hi = L
-    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, 0, full_end, L, qk_scale,
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+        hi = Lk
+    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m + off, 0, full_end, Lk, qk_scale,
                           k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                          start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                          start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                           BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
                           PRECISION)
-    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, full_end, hi, L, qk_scale,
+    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m + off, full_end, hi, Lk, qk_scale,
                           k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                          start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                          start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                           BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
                           PRECISION)
-    _store_qk_grad(dq_base, rows_m, L, stride_dqs, dq1 * sm_scale, dq2 * sm_scale, pos_m, COS, SIN, stride_rot,
+    _store_qk_grad(dq_base, rows_m, Lq, stride_dqs, dq1 * sm_scale, dq2 * sm_scale, pos_m, COS, SIN, stride_rot,
                    HEAD_DIM, QK_PAD, ROTARY)
-    if ROTARY:
-        if head % group == 0:
-            # One program per (kv head, row block) also hands over these rows of k rotated (keys and
-            # queries share positions), so the dk/dv kernel never rotates either.
-            k1, k2 = _load_qk(k_base, k_base, m0, rows_m, L, stride_ks, pos_m, COS, SIN, stride_rot,
-                              HEAD_DIM, QK_PAD, ROTARY, False, False)
-            krot_base = KROT + b64 * stride_krb + start * stride_krs + kvh.to(tl.int64) * stride_krh
-            _store(krot_base, rows_m, L, stride_krs, k1, HEAD_DIM // 2, QK_PAD)
-            _store(krot_base + HEAD_DIM // 2, rows_m, L, stride_krs, k2, HEAD_DIM // 2, QK_PAD)
 
 
 # ---------------------------------------------------------------------------- backward: dk and dv
 @triton.jit
-def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, lo, hi, L, qk_scale,
+def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, lo, hi, L, qk_scale,
                  q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
                  start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
                  MASK: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr, USE_TMA: tl.constexpr,
                  DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    # Query blocks [lo, hi) against one key block, transposed (keys on rows) so that dk and dv
-    # accumulate without a transpose. Query rows past L load as zeros (q, do, lse, delta), which makes
-    # their contribution exactly zero: only the causal diagonal needs a mask. With ROTARY, q_base
-    # points at the queries _attn_bwd_dq already rotated: no rotation in this loop.
+    # Query blocks [lo, hi) of the L queries against one key block, transposed (keys on rows) so that
+    # dk and dv accumulate without a transpose. Query rows past L load as zeros (q, do, lse, delta),
+    # which makes their contribution exactly zero: only the causal diagonal needs a mask (query row r
+    # sees keys up to r + off). With ROTARY, q_base points at the queries _attn_bwd_dq already
+    # rotated: no rotation in this loop.
     dtype = q_base.dtype.element_ty
     for m0 in range(lo, hi, BLOCK_M):
         rows_m = m0 + tl.arange(0, BLOCK_M)
@@ -481,7 +495,7 @@ def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, lo, hi, L, qk_scale,
         delta = tl.load(delta_base + rows_m, mask=row_ok, other=0.0)
         st = _dot_nt(k1, k2, q1, q2, ROTARY, PRECISION) * qk_scale
         if MASK:
-            st = tl.where(rows_m[None, :] >= rows_n[:, None], st, float("-inf"))
+            st = tl.where(rows_m[None, :] + off >= rows_n[:, None], st, float("-inf"))
         pt = tl.math.exp2(st - lse2[None, :])
         dv = tl.dot(_mm(pt, dtype, DOT_F32), do, dv, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -494,11 +508,11 @@ def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, lo, hi, L, qk_scale,
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K,  # queries and keys; with ROTARY, the rotated ones _attn_bwd_dq wrote (QROT, KROT)
-    V, DO,  # forward values and the output gradient
-    LSE, DELTA,  # forward log-sum-exp and _attn_bwd_dq's rowsum(o * do), same layout
+    Q,  # queries; with ROTARY, the rotated ones _attn_bwd_dq wrote (QROT)
+    K, V, DO,  # forward keys and values, and the output gradient
+    LSE, DELTA,  # forward log-sum-exp and _attn_bwd_dq's rowsum(o * do) - dlse, same layout
     DK, DV,  # out: gradients of k and v, K's shape, contiguous
-    CU, COS, SIN, POS,  # as in _attn_fwd
+    CU, CU_K, LENS_K, COS, SIN, POS,  # as in _attn_fwd
     qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -507,27 +521,29 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dks, stride_dkh,  # shared by DK and DV (both contiguous, same shape)
     stride_lb, stride_lh,
     stride_rot, stride_pb, stride_ps,
-    seqlen, n_kv_heads, n_batch, group,
+    seqlen_q, seqlen_k, n_kv_heads, n_batch, group,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # key rows per program
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    VAR_K: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Causal: the first key blocks carry the most work, and they come first in the flat grid.
     kvh, bid, blk = _tile_ids(n_kv_heads, n_batch, False)
-    start, L = _doc_bounds(CU, bid, seqlen, PACKED)
+    start_q, Lq, start_k, Lk = _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED, VAR_K)
     n0 = blk * BLOCK_N
-    if n0 >= L:
+    if n0 >= Lk:
         return
+    off = Lk - Lq
     b64 = bid.to(tl.int64)
     rows_n = n0 + tl.arange(0, BLOCK_N)
-    k_base = K + b64 * stride_kb + start * stride_ks + kvh.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + start * stride_vs + kvh.to(tl.int64) * stride_vh
-    pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
-    k1, k2 = _load_qk(k_base, k_base, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
-                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32, False)
-    v = _load(v_base, v_base, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, False, DOT_F32)
+    k_base = K + b64 * stride_kb + start_k * stride_ks + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + start_k * stride_vs + kvh.to(tl.int64) * stride_vh
+    pos_n = _positions(POS, bid, start_k, rows_n, Lk, stride_pb, stride_ps, HAS_POS)
+    # the program's one key tile is rotated here (the query tiles it streams come rotated)
+    k1, k2 = _load_qk(k_base, k_base, n0, rows_n, Lk, stride_ks, pos_n, COS, SIN, stride_rot,
+                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
+    v = _load(v_base, v_base, n0, rows_n, Lk, stride_vs, HEAD_DIM, D_PAD, False, DOT_F32)
 
     dk1 = tl.zeros([BLOCK_N, QK_PAD], dtype=tl.float32)
     if ROTARY:
@@ -536,34 +552,156 @@ def _attn_bwd_dkdv(
         dk2 = tl.zeros([1], dtype=tl.float32)  # unused
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     if CAUSAL:
-        lo = (n0 // BLOCK_M) * BLOCK_M  # first query block that sees any of these keys
-        mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, L)  # from here on, it sees all of them
+        # first query block that sees any of these keys; from `mid` on, every query sees all of them
+        lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M, Lq)
     else:
         lo = 0
         mid = 0
     for g in range(group):
         h64 = (kvh * group + g).to(tl.int64)
-        q_base = Q + b64 * stride_qb + start * stride_qs + h64 * stride_qh
-        do_base = DO + b64 * stride_dob + start * stride_dos + h64 * stride_doh
-        lse_base = LSE + b64 * stride_lb + h64 * stride_lh + start
-        delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + start
-        q_desc = _make_desc(q_base, L, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
-        do_desc = _make_desc(do_base, L, HEAD_DIM, stride_dos, BLOCK_M, D_PAD, USE_TMA)
-        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, lo, mid, L, qk_scale,
+        q_base = Q + b64 * stride_qb + start_q * stride_qs + h64 * stride_qh
+        do_base = DO + b64 * stride_dob + start_q * stride_dos + h64 * stride_doh
+        lse_base = LSE + b64 * stride_lb + h64 * stride_lh + start_q
+        delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + start_q
+        q_desc = _make_desc(q_base, Lq, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
+        do_desc = _make_desc(do_base, Lq, HEAD_DIM, stride_dos, BLOCK_M, D_PAD, USE_TMA)
+        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, lo, mid, Lq, qk_scale,
                                     q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
-                                    start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    start_q, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                                     BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, True, ROTARY, HAS_POS, USE_TMA, DOT_F32,
                                     PRECISION)
-        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, mid, L, L, qk_scale,
+        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, mid, Lq, Lq, qk_scale,
                                     q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
-                                    start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    start_q, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                                     BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, False, ROTARY, HAS_POS, USE_TMA, DOT_F32,
                                     PRECISION)
-    dk_base = DK + b64 * stride_dkb + start * stride_dks + kvh.to(tl.int64) * stride_dkh
-    dv_base = DV + b64 * stride_dkb + start * stride_dks + kvh.to(tl.int64) * stride_dkh
-    _store_qk_grad(dk_base, rows_n, L, stride_dks, dk1 * sm_scale, dk2 * sm_scale, pos_n, COS, SIN, stride_rot,
+    dk_base = DK + b64 * stride_dkb + start_k * stride_dks + kvh.to(tl.int64) * stride_dkh
+    dv_base = DV + b64 * stride_dkb + start_k * stride_dks + kvh.to(tl.int64) * stride_dkh
+    _store_qk_grad(dk_base, rows_n, Lk, stride_dks, dk1 * sm_scale, dk2 * sm_scale, pos_n, COS, SIN, stride_rot,
                    HEAD_DIM, QK_PAD, ROTARY)
-    _store(dv_base, rows_n, L, stride_dks, dv, HEAD_DIM, D_PAD)
+    _store(dv_base, rows_n, Lk, stride_dks, dv, HEAD_DIM, D_PAD)
+
+
+# ---------------------------------------------------------------------------- decoding (split-KV)
+@triton.jit
+def _attn_decode(
+    Q, K, V,  # as in _attn_fwd
+    O, LSE,  # out when not SPLIT: as in _attn_fwd
+    O_PART, LSE_PART,  # out when SPLIT: fp32 partial results of each key split, contiguous,
+    #                    (n_batch, n_heads, n_splits, seqlen_q, HEAD_DIM) and (n_batch, n_heads, n_splits, seqlen_q)
+    CU, CU_K, LENS_K,  # as in _attn_fwd
+    qk_scale,  # softmax_scale * log2(e)
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k,  # batched lengths (PACKED: the longest query document, for O_PART's layout)
+    n_kv_heads, n_batch, group, n_splits,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # group * seqlen_q query rows (every query head of one kv head), padded
+    BLOCK_N: tl.constexpr,  # key rows per step
+    CAUSAL: tl.constexpr, PACKED: tl.constexpr, VAR_K: tl.constexpr,
+    SPLIT: tl.constexpr,  # n_splits > 1: write partial results for _attn_decode_reduce
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SCALE_NEG: tl.constexpr,
+):
+    # One program: one kv head of one sequence, all its query heads and rows at once (so the cache is
+    # read once per kv head, not once per query head), over one split of the keys.
+    pid = tl.program_id(0)
+    split = pid % n_splits
+    kvh = (pid // n_splits) % n_kv_heads
+    bid = pid // (n_splits * n_kv_heads)
+    start_q, Lq, start_k, Lk = _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED, VAR_K)
+    if Lq == 0:
+        return
+    off = Lk - Lq
+    # Splits cut the keys every row sees (causal: 0 .. off); the split holding the last of them also
+    # takes the causal tail. So each split's first key is visible to all rows and its maxima are finite.
+    span = off + 1 if CAUSAL else Lk
+    chunk = tl.cdiv(tl.cdiv(span, n_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, span)
+    hi = tl.where(hi >= span, Lk, hi)
+    hi = tl.where(lo >= span, lo, hi)  # nothing left for this split
+    full_end = lo + ((tl.maximum(tl.minimum(hi, span) - lo, 0)) // BLOCK_N) * BLOCK_N
+
+    r = tl.arange(0, BLOCK_M)
+    g = r // seqlen_q  # query head within the group
+    i = r % seqlen_q  # query row within the sequence
+    row_ok = (g < group) & (i < Lq)
+    head = (kvh * group + g).to(tl.int64)
+    b64 = bid.to(tl.int64)
+    cols = tl.arange(0, D_PAD)
+    col_ok = cols < HEAD_DIM
+    q = tl.load(Q + b64 * stride_qb + (start_q + i)[:, None] * stride_qs + head[:, None] * stride_qh + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = K + b64 * stride_kb + start_k * stride_ks + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + start_k * stride_vs + kvh.to(tl.int64) * stride_vh
+
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q, i + off, lo, full_end, Lk, qk_scale,
+                                k_base, k_base, stride_ks, v_base, v_base, stride_vs,
+                                start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
+                                BLOCK_N, HEAD_DIM, D_PAD, D_PAD, False, CAUSAL, False, False, False,
+                                DOT_F32, PRECISION, SCALE_NEG)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q, i + off, full_end, hi, Lk, qk_scale,
+                                k_base, k_base, stride_ks, v_base, v_base, stride_vs,
+                                start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
+                                BLOCK_N, HEAD_DIM, D_PAD, D_PAD, True, CAUSAL, False, False, False,
+                                DOT_F32, PRECISION, SCALE_NEG)
+    lse = tl.where(l_i > 0, (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * _LN2, float("-inf"))  # empty split
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if SPLIT:
+        n_heads = n_kv_heads * group
+        part = ((b64 * n_heads + head) * n_splits + split) * seqlen_q + i
+        tl.store(O_PART + part[:, None] * HEAD_DIM + cols[None, :], o, mask=mask)
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+    else:
+        o_ptrs = O + b64 * stride_ob + (start_q + i)[:, None] * stride_os + head[:, None] * stride_oh + cols[None, :]
+        tl.store(o_ptrs, cast_rtne(o, O.dtype.element_ty, _INTERPRETED), mask=mask)
+        tl.store(LSE + b64 * stride_lb + head * stride_lh + start_q + i, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_decode_reduce(
+    O_PART, LSE_PART,  # _attn_decode's partial results
+    O, LSE,  # out: as in _attn_fwd
+    CU,  # as in _attn_fwd
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, n_heads, n_batch, n_splits,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # n_splits rounded up to a power of two
+    PACKED: tl.constexpr,
+):
+    # One program per query row of one head: the splits' softmaxes merged by their log-sum-exps.
+    pid = tl.program_id(0)
+    i = pid % seqlen_q
+    head = ((pid // seqlen_q) % n_heads).to(tl.int64)
+    bid = pid // (seqlen_q * n_heads)
+    start_q, Lq = _doc_bounds(CU, bid, seqlen_q, PACKED)
+    if i >= Lq:
+        return
+    s = tl.arange(0, SPLITS_PAD)
+    part = ((bid.to(tl.int64) * n_heads + head) * n_splits + s) * seqlen_q + i
+    lse_s = tl.load(LSE_PART + part, mask=s < n_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)  # finite: the first split is never empty
+    w = tl.exp(lse_s - m)
+    total = tl.sum(w, 0)
+    cols = tl.arange(0, D_PAD)
+    o_s = tl.load(O_PART + part[:, None] * HEAD_DIM + cols[None, :], mask=(s < n_splits)[:, None] &
+                  (cols < HEAD_DIM)[None, :], other=0.0)
+    o = tl.sum(w[:, None] * o_s, 0) / total
+    b64 = bid.to(tl.int64)
+    tl.store(O + b64 * stride_ob + (start_q + i) * stride_os + head * stride_oh + cols,
+             cast_rtne(o, O.dtype.element_ty, _INTERPRETED), mask=cols < HEAD_DIM)
+    tl.store(LSE + b64 * stride_lb + head * stride_lh + start_q + i, m + tl.log(total))
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -671,6 +809,38 @@ def candidates(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, r
 def default_config(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False) -> Config:
     """The deterministic configuration: what runs without autotuning and what the static report compiles."""
     return candidates(kernel, cc, dtype, head_dim, rotary)[0]
+
+
+# Decoding: a few query rows (group * sq <= DECODE_MAX_ROWS) against a long cache is bound by reading
+# the cache once. One program per (sequence, kv head) holds every query row of the group, so a
+# 16-row tile, padded where the group is smaller, feeds the matmuls. When those programs would not
+# fill the GPU (fewer than its SMs), the keys are split among more programs (flash-decoding), each at
+# least DECODE_MIN_SPLIT keys so that its partial result (d fp32 per row) stays small next to the
+# keys it reads, up to two programs per SM; a small kernel merges the splits by their log-sum-exps.
+# Key tiles: 64 rows of 128-wide bf16 k and v are 32 KB per stage, so three stages fit either part;
+# the fp32 accumulator is at most 64 x 128 over 4 warps.
+DECODE_MAX_ROWS = 64
+DECODE_MIN_SPLIT = 256
+_DECODE = {64: _C(16, 128, 4, 3), 128: _C(16, 64, 4, 3), 256: _C(16, 32, 4, 2)}
+_DECODE_F32 = {64: _C(16, 32, 4, 2), 128: _C(16, 32, 4, 2), 256: _C(16, 16, 4, 1)}
+# Under the interpreter: small key tiles and splits, and a pretend GPU of 4 SMs, so that tests cross
+# both paths.
+_INTERPRETER_DECODE = (Config(16, 16, 4, 1), 16, 4)  # (config, least keys per split, SMs)
+
+
+def decode_config(cc: int | None, dtype: torch.dtype, head_dim: int) -> Config:
+    """The decoding kernel's key tile (block_n) and launch options (block_m is the least row tile)."""
+    if cc is None:
+        return _INTERPRETER_DECODE[0]
+    width = min(max(_d_pad(head_dim), 64), 256)
+    return (_DECODE_F32 if dtype == torch.float32 else _DECODE)[width]
+
+
+def decode_splits(n_programs: int, seqlen_k: int, n_sm: int, min_split: int = DECODE_MIN_SPLIT) -> int:
+    """Key splits per (sequence, kv head): enough programs for two per SM, each with >= min_split keys."""
+    if n_programs >= n_sm:
+        return 1
+    return max(1, min(triton.cdiv(2 * n_sm, n_programs), triton.cdiv(seqlen_k, min_split), 128))
 
 
 # Tests flip this to run the descriptor path under the interpreter (which checks TMA's alignment rules).
@@ -795,13 +965,16 @@ class _Problem:
     """Everything the three kernels share about one call."""
     packed: bool
     n_batch: int  # batch size, or number of documents
-    seqlen: int  # sequence length, or the longest document
+    seqlen_q: int  # query length, or the longest query document
+    seqlen_k: int  # key length (k's rows when batched), or the longest key document
     n_heads: int
     n_kv: int
     head_dim: int
     causal: bool
     scale: float
     cu: torch.Tensor | None
+    cu_k: torch.Tensor | None  # None: the queries' offsets
+    lens_k: torch.Tensor | None  # batched: keys per sequence
     cos: torch.Tensor | None
     sin: torch.Tensor | None
     pos: torch.Tensor | None
@@ -814,43 +987,54 @@ class _Problem:
         elif self.packed:
             pstrides = (0, pos.stride(0))
         else:
-            pstrides = (pos.stride(0), pos.stride(1))
+            # (1, sk) position ids are shared by every sequence
+            pstrides = (pos.stride(0) if pos.shape[0] > 1 else 0, pos.stride(1))
+        cu = self.cu if self.packed else dummy
         return dict(
-            CU=self.cu if self.packed else dummy, COS=self.cos if rot else dummy, SIN=self.sin if rot else dummy,
+            CU=cu, CU_K=self.cu_k if self.cu_k is not None else cu,
+            LENS_K=self.lens_k if self.lens_k is not None else dummy,
+            COS=self.cos if rot else dummy, SIN=self.sin if rot else dummy,
             POS=pos if pos is not None else dummy, stride_rot=self.cos.stride(0) if rot else 0,
-            stride_pb=pstrides[0], stride_ps=pstrides[1], seqlen=self.seqlen if not self.packed else 0,
+            stride_pb=pstrides[0], stride_ps=pstrides[1], seqlen_q=0 if self.packed else self.seqlen_q,
+            seqlen_k=0 if self.packed else self.seqlen_k,
             n_batch=self.n_batch, group=self.n_heads // self.n_kv, HEAD_DIM=self.head_dim,
             D_PAD=_d_pad(self.head_dim), QK_PAD=_qk_pad(self.head_dim, rot), CAUSAL=self.causal,
-            PACKED=self.packed, ROTARY=rot, HAS_POS=pos is not None)
+            PACKED=self.packed, ROTARY=rot, HAS_POS=pos is not None, VAR_K=self.lens_k is not None)
 
     def lse_strides(self, lse: torch.Tensor) -> dict:
-        if self.packed:  # (n_heads, total)
+        if self.packed:  # (n_heads, total_q)
             return dict(stride_lb=0, stride_lh=lse.stride(0))
-        return dict(stride_lb=lse.stride(0), stride_lh=lse.stride(1))  # (batch, n_heads, seq)
+        return dict(stride_lb=lse.stride(0), stride_lh=lse.stride(1))  # (batch, n_heads, sq)
 
 
-def _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids) -> _Problem:
+def _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
+             cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None) -> _Problem:
     packed = cu_seqlens is not None
     head_dim = q.shape[-1]
     if packed:
         n_batch = cu_seqlens.shape[0] - 1
-        if max_seqlen > 0 and (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
-            seqlen = max_seqlen  # no host sync inside a CUDA graph capture: trusted as given
-        else:
-            # The grid covers max_seqlen rows per document: a smaller value would leave rows unwritten,
-            # and the public API's check does not run under torch.compile. One sync per offsets tensor.
-            seqlen = _longest_document(cu_seqlens)
-            if max_seqlen > 0 and max_seqlen < seqlen:
-                raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document ({seqlen} tokens)")
+        seqlen_q = _document_bound(cu_seqlens, max_seqlen, "max_seqlen")
+        seqlen_k = seqlen_q if cu_seqlens_k is None else _document_bound(cu_seqlens_k, max_seqlen_k, "max_seqlen_k")
     else:
-        n_batch, seqlen = q.shape[0], q.shape[1]
+        n_batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     if cos is not None:
         cos, sin = cos.float(), sin.float()
         if cos.stride(-1) != 1 or sin.stride() != cos.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
-        _check_positions(position_ids, cos.shape[0], seqlen)
-    return _Problem(packed, n_batch, seqlen, q.shape[-2], k.shape[-2], head_dim, causal, softmax_scale,
-                    cu_seqlens, cos, sin, position_ids)
+        _check_positions(position_ids, cos.shape[0], seqlen_k)
+    return _Problem(packed, n_batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2], head_dim, causal, softmax_scale,
+                    cu_seqlens, cu_seqlens_k, seqlens_k, cos, sin, position_ids)
+
+
+def _document_bound(cu: torch.Tensor, given: int, name: str) -> int:
+    if given > 0 and (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return given  # no host sync inside a CUDA graph capture: trusted as given
+    # The grid covers this many rows per document: a smaller value would leave rows unwritten,
+    # and the public API's check does not run under torch.compile. One sync per offsets tensor.
+    longest = _longest_document(cu)
+    if 0 < given < longest:
+        raise ValueError(f"{name}={given} is smaller than the longest document ({longest} tokens)")
+    return longest
 
 
 def _flags(q: torch.Tensor, cc: int | None, tma: bool) -> dict:
@@ -877,8 +1061,15 @@ def _bwd_args(P: _Problem, q, k, v, do, lse, delta, cfg: Config, flags: dict) ->
         **P.lse_strides(lse), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
 
 
-def _grid(P: _Problem, block: int, heads: int) -> tuple[int]:
-    return (triton.cdiv(P.seqlen, block) * P.n_batch * heads,)
+def _dq_extra(P: _Problem, o, dq, qrot, dlse, lse) -> dict:
+    bo, bdq = _bsh(o, P.packed), _bsh(dq, P.packed)
+    return dict(O=o, DQ=dq, QROT=qrot, DLSE=dlse if dlse is not None else lse, HAS_DLSE=dlse is not None,
+                stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
+                stride_dqh=bdq[2], n_heads=P.n_heads)
+
+
+def _grid(seqlen: int, n_batch: int, block: int, heads: int) -> tuple[int]:
+    return (triton.cdiv(seqlen, block) * n_batch * heads,)
 
 
 def _lse_empty(q: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -887,69 +1078,134 @@ def _lse_empty(q: torch.Tensor, packed: bool) -> torch.Tensor:
     return torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
 
 
-def _seq_bucket(P: _Problem) -> int:
-    return triton.next_power_of_2(max(P.seqlen, 1))
+def _tune_key(P: _Problem, tma: bool) -> tuple:
+    return (P.causal, P.packed, tma, triton.next_power_of_2(max(P.seqlen_q, 1)),
+            triton.next_power_of_2(max(P.seqlen_k, 1)))
 
 
-def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
-    """-> o (q's shape), lse (fp32: (batch, n_heads, seq), or (n_heads, total) when packed)."""
+def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
+                      cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
+    """-> o (q's shape), lse (fp32: (batch, n_heads, sq), or (n_heads, total_q) when packed)."""
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     packed = cu_seqlens is not None
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _lse_empty(q, packed)
     if q.numel() == 0:
         return o, lse.fill_(float("-inf"))
-    P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
+    P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
+                 cu_seqlens_k, max_seqlen_k, seqlens_k)
     cc = _cc(q)
     tma = use_tma(cc, P.head_dim, cos is not None, q, k, v)
     if tma and q.is_cuda:
         _ensure_allocator()
     flags = _flags(q, cc, tma)
 
-    def run(cfg: Config):
-        _attn_fwd[_grid(P, cfg.block_m, P.n_heads)](**_fwd_args(P, q, k, v, o, lse, cfg, flags),
-                                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if _is_decode(P):
+        _decode(P, q, k, v, o, lse, cc)
+        return o, lse
 
-    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, (causal, packed, tma, _seq_bucket(P)), run)
+    def run(cfg: Config):
+        _attn_fwd[_grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads)](
+            **_fwd_args(P, q, k, v, o, lse, cfg, flags), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma), run)
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
+def _is_decode(P: _Problem) -> bool:
+    # Rotary calls take the general kernel: the model's cache holds keys already rotated.
+    return P.cos is None and (P.n_heads // P.n_kv) * P.seqlen_q <= DECODE_MAX_ROWS
+
+
+def _sm_count(x: torch.Tensor) -> int:
+    if x.is_cuda:
+        return torch.cuda.get_device_properties(x.device).multi_processor_count
+    return _INTERPRETER_DECODE[2]
+
+
+def _decode_args(P: _Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_splits: int, flags: dict) -> dict:
+    c = P.common(q)
+    bq, bk, bv, bo = _bsh(q, P.packed), _bsh(k, P.packed), _bsh(v, P.packed), _bsh(o, P.packed)
+    rows = (P.n_heads // P.n_kv) * P.seqlen_q
+    return dict(
+        Q=q, K=k, V=v, O=o, LSE=lse, O_PART=o_part, LSE_PART=lse_part, CU=c["CU"], CU_K=c["CU_K"],
+        LENS_K=c["LENS_K"], qk_scale=P.scale * LOG2E,
+        stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
+        stride_vb=bv[0], stride_vs=bv[1], stride_vh=bv[2], stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2],
+        **P.lse_strides(lse), seqlen_q=P.seqlen_q, seqlen_k=c["seqlen_k"], n_kv_heads=P.n_kv, n_batch=P.n_batch,
+        group=P.n_heads // P.n_kv, n_splits=n_splits, HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim),
+        BLOCK_M=max(cfg.block_m, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, CAUSAL=P.causal,
+        PACKED=P.packed, VAR_K=P.lens_k is not None, SPLIT=n_splits > 1, DOT_F32=flags["DOT_F32"],
+        PRECISION=flags["PRECISION"], SCALE_NEG=P.scale < 0)
+
+
+def _reduce_args(P: _Problem, o, lse, o_part, lse_part, n_splits: int) -> dict:
+    bo = _bsh(o, P.packed)
+    return dict(O_PART=o_part, LSE_PART=lse_part, O=o, LSE=lse, CU=P.cu if P.packed else lse,
+                stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], **P.lse_strides(lse), seqlen_q=P.seqlen_q,
+                n_heads=P.n_heads, n_batch=P.n_batch, n_splits=n_splits, HEAD_DIM=P.head_dim,
+                D_PAD=_d_pad(P.head_dim), SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), PACKED=P.packed)
+
+
+def _decode(P: _Problem, q, k, v, o, lse, cc: int | None) -> None:
+    """The decoding path of the forward: _attn_decode over key splits, then (if split) the merge."""
+    cfg = decode_config(cc, q.dtype, P.head_dim)
+    min_split = DECODE_MIN_SPLIT if cc is not None else _INTERPRETER_DECODE[1]
+    n_splits = _FORCE_SPLITS or decode_splits(P.n_batch * P.n_kv, P.seqlen_k, _sm_count(q), min_split)
+    o_part = lse_part = lse
+    if n_splits > 1:
+        o_part = torch.empty(P.n_batch, P.n_heads, n_splits, P.seqlen_q, P.head_dim, dtype=torch.float32,
+                             device=q.device)
+        lse_part = torch.empty(o_part.shape[:-1], dtype=torch.float32, device=q.device)
+    flags = _flags(q, cc, False)
+    _attn_decode[(P.n_batch * P.n_kv * n_splits,)](
+        **_decode_args(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, flags),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if n_splits > 1:
+        _attn_decode_reduce[(P.n_batch * P.n_heads * P.seqlen_q,)](
+            **_reduce_args(P, o, lse, o_part, lse_part, n_splits), num_warps=4, num_stages=1)
+
+
+_FORCE_SPLITS = None  # tests: a fixed number of key splits for the decoding kernel
+
+
+def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
+                       dlse=None, cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
     """-> dq, dk, dv (contiguous, shaped like q, k, v)."""
     q, k, v, o, do = (_unit_stride(t) for t in (q, k, v, o, do))
     packed = cu_seqlens is not None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # rows of k past a sequence's seqlens_k are never visited: their gradient is zero
+    new = torch.zeros if seqlens_k is not None else torch.empty
+    dk = new(k.shape, dtype=k.dtype, device=k.device)
+    dv = new(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
+    if dlse is not None:
+        dlse = dlse.float().expand(lse.shape).contiguous()  # LSE's layout, which the kernel indexes
+    P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
+                 cu_seqlens_k, max_seqlen_k, seqlens_k)
     cc = _cc(q)
     tma = use_tma(cc, P.head_dim, cos is not None, q, k, v, do, dq)
     if tma and q.is_cuda:
         _ensure_allocator()
     flags = _flags(q, cc, tma)
     delta = torch.empty_like(lse)
-    # the dq kernel writes q and k rotated; the dk/dv kernel reads them
-    qrot = torch.empty_like(dq) if cos is not None else dq
-    krot = torch.empty_like(dk) if cos is not None else dk
-    bo, bdq, bdk = _bsh(o, packed), _bsh(dq, packed), _bsh(dk, packed)
+    qrot = torch.empty_like(dq) if cos is not None else dq  # the dq kernel writes q rotated for the dk/dv kernel
 
     def run_dq(cfg: Config):
-        _attn_bwd_dq[_grid(P, cfg.block_m, P.n_heads)](
-            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), O=o, DQ=dq, QROT=qrot, KROT=krot,
-            stride_krb=bdk[0], stride_krs=bdk[1], stride_krh=bdk[2],
-            stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
-            stride_dqh=bdq[2], n_heads=P.n_heads, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _attn_bwd_dq[_grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads)](
+            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), **_dq_extra(P, o, dq, qrot, dlse, lse),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def run_dkdv(cfg: Config):
-        _attn_bwd_dkdv[_grid(P, cfg.block_n, P.n_kv)](
-            **_bwd_args(P, qrot if cos is not None else q, krot if cos is not None else k, v, do, lse, delta, cfg,
-                        flags), DK=dk, DV=dv,
+        bdk = _bsh(dk, packed)
+        _attn_bwd_dkdv[_grid(P.seqlen_k, P.n_batch, cfg.block_n, P.n_kv)](
+            **_bwd_args(P, qrot if cos is not None else q, k, v, do, lse, delta, cfg, flags), DK=dk, DV=dv,
             stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    key = (causal, packed, tma, _seq_bucket(P))
+    key = _tune_key(P, tma)
     _run_tuned("dq", cc, q, P.head_dim, cos is not None, key, run_dq)  # writes delta, read by run_dkdv
     _run_tuned("dkdv", cc, q, P.head_dim, cos is not None, key, run_dkdv)
     return dq, dk, dv
@@ -964,14 +1220,18 @@ def _on_device(x: torch.Tensor):
 @torch.library.custom_op("meditron_kernels::triton_flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
             cu_seqlens: Optional[torch.Tensor], max_seqlen: int, cos: Optional[torch.Tensor],
-            sin: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    # max_seqlen 0: unknown, measured from cu_seqlens inside (a host sync a traced graph must not see)
+            sin: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+            cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
+            seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # max_seqlen(_k) 0: unknown, measured from the offsets inside (a host sync a traced graph must not see)
     with _on_device(q):
-        return attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids)
+        return attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
+                                 cu_seqlens_k, max_seqlen_k, seqlens_k)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
+def _(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k=None,
+      max_seqlen_k=0, seqlens_k=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), _lse_empty(q, cu_seqlens is not None)
 
 
@@ -979,32 +1239,36 @@ def _(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, causal: bool, softmax_scale: float, cu_seqlens: Optional[torch.Tensor],
             max_seqlen: int, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-            position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            position_ids: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None,
+            cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
+            seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _on_device(q):
         return attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin,
-                                  position_ids)
+                                  position_ids, dlse, cu_seqlens_k, max_seqlen_k, seqlens_k)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
+def _(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, dlse=None,
+      cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids = inputs
+    (q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k, max_seqlen_k,
+     seqlens_k) = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cos, sin, position_ids)
-    ctx.causal, ctx.softmax_scale, ctx.max_seqlen = causal, softmax_scale, max_seqlen
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cos, sin, position_ids, cu_seqlens_k, seqlens_k)
+    ctx.causal, ctx.softmax_scale, ctx.max_seqlen, ctx.max_seqlen_k = causal, softmax_scale, max_seqlen, max_seqlen_k
 
 
 def _backward(ctx, do, dlse):
-    # lse is an internal output (the public API returns o only); it is marked non-differentiable.
-    q, k, v, o, lse, cu_seqlens, cos, sin, position_ids = ctx.saved_tensors
+    # dlse: None or zeros when the caller did not use the log-sum-exp (the public API returns it
+    # only with return_lse=True)
+    q, k, v, o, lse, cu_seqlens, cos, sin, position_ids, cu_seqlens_k, seqlens_k = ctx.saved_tensors
     dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, cu_seqlens, ctx.max_seqlen, cos, sin,
-                         position_ids)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                         position_ids, dlse, cu_seqlens_k, ctx.max_seqlen_k, seqlens_k)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1021,14 +1285,18 @@ def _check_kernel_limits(q: torch.Tensor, rotary) -> None:
 
 @register("flash_attention", "triton")
 def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-                    rotary=None, position_ids=None):
-    """Batched: q (batch, seq, n_heads, d), k, v (batch, seq, n_kv_heads, d) -> (batch, seq, n_heads, d).
-    Packed: q (total, n_heads, d), k, v (total, n_kv_heads, d), cu_seqlens (n_docs + 1,) -> (total, n_heads, d)."""
+                    rotary=None, position_ids=None, cu_seqlens_k=None, max_seqlen_k=None, seqlens_k=None,
+                    return_lse=False):
+    """Batched: q (batch, sq, n_heads, d), k, v (batch, sk, n_kv_heads, d) -> (batch, sq, n_heads, d).
+    Packed: q (total_q, n_heads, d), k, v (total_k, n_kv_heads, d), cu_seqlens (and cu_seqlens_k)
+    (n_docs + 1,) -> (total_q, n_heads, d). return_lse: also the fp32 log-sum-exp, (batch, n_heads, sq)
+    or (n_heads, total_q)."""
     _check_kernel_limits(q, rotary)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cos, sin = rotary if rotary is not None else (None, None)
-    o, _ = _fwd_op(q, k, v, causal, scale, cu_seqlens, max_seqlen or 0, cos, sin, position_ids)
-    return o
+    o, lse = _fwd_op(q, k, v, causal, scale, cu_seqlens, max_seqlen or 0, cos, sin, position_ids, cu_seqlens_k,
+                     max_seqlen_k or 0, seqlens_k)
+    return (o, lse) if return_lse else o
 
 
 # ---------------------------------------------------------------------------- static report
@@ -1041,28 +1309,49 @@ def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d
     k, v = torch.empty(b, s, hkv, d, **meta), torch.empty(b, s, hkv, d, **meta)
     lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
     cos = sin = torch.empty(s, d // 2, dtype=torch.float32, device="meta") if rotary else None
-    P = _Problem(False, b, s, h, hkv, d, causal, 1.0 / math.sqrt(d), None, cos, sin, None)
+    P = _Problem(False, b, s, s, h, hkv, d, causal, 1.0 / math.sqrt(d), None, None, None, cos, sin, None)
     flags = _flags(q, arch, use_tma(arch, d, rotary, q, k, v, do))
     fwd, dq, kv = (default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv"))
     return [
         Launch(f"attention_fwd@sm_{arch}", _attn_fwd, _fwd_args(P, q, k, v, o, lse, fwd, flags),
-               fwd.num_warps, fwd.num_stages, _grid(P, fwd.block_m, h)),
+               fwd.num_warps, fwd.num_stages, _grid(s, b, fwd.block_m, h)),
         Launch(f"attention_bwd_dq@sm_{arch}", _attn_bwd_dq,
-               dict(_bwd_args(P, q, k, v, do, lse, lse, dq, flags), O=o, DQ=q, QROT=do, KROT=k,
-                    stride_krb=k.stride(0), stride_krs=k.stride(1), stride_krh=k.stride(2), stride_ob=o.stride(0),
-                    stride_os=o.stride(1), stride_oh=o.stride(2), stride_dqb=q.stride(0), stride_dqs=q.stride(1),
-                    stride_dqh=q.stride(2), n_heads=h),
-               dq.num_warps, dq.num_stages, _grid(P, dq.block_m, h)),
+               dict(_bwd_args(P, q, k, v, do, lse, lse, dq, flags), **_dq_extra(P, o, q, do, None, lse)),
+               dq.num_warps, dq.num_stages, _grid(s, b, dq.block_m, h)),
         Launch(f"attention_bwd_dkdv@sm_{arch}", _attn_bwd_dkdv,
                dict(_bwd_args(P, q, k, v, do, lse, lse, kv, flags), DK=k, DV=v, stride_dkb=k.stride(0),
                     stride_dks=k.stride(1), stride_dkh=k.stride(2), n_kv_heads=hkv),
-               kv.num_warps, kv.num_stages, _grid(P, kv.block_n, hkv)),
+               kv.num_warps, kv.num_stages, _grid(s, b, kv.block_n, hkv)),
+    ]
+
+
+def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -> list[Launch]:
+    """One decoding step (one query per sequence) against a cache of ``s`` keys with per-sequence
+    lengths, split as it is on a GPU of 132 SMs, and the merge of the splits."""
+    meta = dict(dtype=dtype, device="meta")
+    q, o = torch.empty(b, 1, h, d, **meta), torch.empty(b, 1, h, d, **meta)
+    k, v = torch.empty(b, s, hkv, d, **meta), torch.empty(b, s, hkv, d, **meta)
+    lens = torch.empty(b, dtype=torch.int32, device="meta")
+    lse = torch.empty(b, h, 1, dtype=torch.float32, device="meta")
+    P = _Problem(False, b, 1, s, h, hkv, d, True, 1.0 / math.sqrt(d), None, None, lens, None, None, None)
+    cfg = decode_config(arch, dtype, d)
+    n_splits = decode_splits(b * hkv, s, 132)
+    o_part = torch.empty(b, h, n_splits, 1, d, dtype=torch.float32, device="meta")
+    lse_part = torch.empty(b, h, n_splits, 1, dtype=torch.float32, device="meta")
+    return [
+        Launch(f"attention_decode@sm_{arch}", _attn_decode,
+               _decode_args(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, arch, False)),
+               cfg.num_warps, cfg.num_stages, (b * hkv * n_splits,)),
+        Launch(f"attention_decode_reduce@sm_{arch}", _attn_decode_reduce,
+               _reduce_args(P, o, lse, o_part, lse_part, n_splits), 4, 1, (b * h,)),
     ]
 
 
 def static_launches(cc: int | None = None) -> list[Launch]:
     """The forward and backward launches of a Llama-2-70B layer (bf16, 64 query and 8 kv heads,
-    head_dim 128, seq 4096, batch 4, causal), configured as they run on ``cc`` (80 or 90; None: both;
+    head_dim 128, seq 4096, batch 4, causal), then a decoding step of the same layer (batch 1 against
+    a 4096-token cache, split over the keys), configured as they run on ``cc`` (80 or 90; None: both;
     each launch's name ends in the architecture it is configured for)."""
     return [launch for arch in ((80, 90) if cc is None else (cc,))
-            for launch in _launches(arch, torch.bfloat16, 4, 4096, 64, 8, 128)]
+            for launch in _launches(arch, torch.bfloat16, 4, 4096, 64, 8, 128)
+            + _decode_launches(arch, torch.bfloat16, 1, 4096, 64, 8, 128)]

@@ -306,12 +306,168 @@ def static_reports():
 
 @pytest.mark.parametrize("cc", [80, 90])
 def test_static_report(static_reports, cc):
-    """bf16, head_dim 128, 64/8 heads, seq 4096, batch 4, causal, with the run-time configs."""
+    """bf16, head_dim 128, 64/8 heads, seq 4096, batch 4, causal, with the run-time configs; then one
+    decoding step against a 4096-token cache."""
     reports = static_reports[cc]
-    assert [r["kernel"].split("@")[0] for r in reports] == ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"]
+    assert [r["kernel"].split("@")[0] for r in reports] == ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv",
+                                                             "attention_decode", "attention_decode_reduce"]
     for r in reports:
+        if r["kernel"].startswith("attention_decode"):
+            # a 16-row query tile: mma.sync on both parts (wgmma needs 64 rows per warp group)
+            assert r["spill_bytes"] == 0 and r["shared_bytes"] <= ARCH_LIMITS[cc]["smem_per_block"], r
+            assert r["mma"] == ("none" if "reduce" in r["kernel"] else "HMMA"), r
+            continue
         assert r["spill_bytes"] == 0, r
         assert r["shared_bytes"] <= ARCH_LIMITS[cc]["smem_per_block"], r
         assert r["mma"] == ("HGMMA" if cc == 90 else "HMMA"), r
         if cc == 90:
             assert r["tma"], r  # the k/v (and q/do) tiles come in through TMA
+
+
+# ---------------------------------------------------------------------------- sq != sk (inference)
+def _kv_inputs(lead_q, lead_k, h, hkv, d, dtype):
+    return (torch.randn(*lead_q, h, d, dtype=dtype), torch.randn(*lead_k, hkv, d, dtype=dtype),
+            torch.randn(*lead_k, hkv, d, dtype=dtype))
+
+
+@pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal,dtype", [
+    (2, 5, 37, 4, 2, 32, True, torch.float32),  # a chunk of new queries after a prefix, GQA 2
+    (2, 5, 37, 4, 2, 32, False, torch.float16),
+    (1, 1, 29, 8, 1, 64, True, torch.float16),  # one decoding step, GQA 8
+    (1, 19, 40, 2, 2, 32, True, torch.float16),  # the causal diagonal crosses key blocks off their grid
+    (1, 37, 9, 4, 4, 32, False, torch.float32),  # more queries than keys (not causal)
+])
+def test_sq_differs_from_sk(b, sq, sk, h, hkv, d, causal, dtype):
+    _check(*_kv_inputs((b, sq), (b, sk), h, hkv, d, dtype), causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_with_different_query_and_key_documents(causal):
+    lq, lk = [3, 1, 20, 0, 5], [10, 1, 33, 4, 5]
+    q, k, v = _kv_inputs((sum(lq),), (sum(lk),), 4, 2, 32, torch.float16)
+    _check(q, k, v, causal=causal, cu_seqlens=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen=20, max_seqlen_k=33)
+
+
+def test_seqlens_k_reads_only_each_sequences_keys():
+    # a batched KV cache filled to different lengths; rows past them are never read and get no gradient
+    lens = torch.tensor([5, 40, 17], dtype=torch.int32)
+    q, k, v = _kv_inputs((3, 3), (3, 40), 4, 2, 32, torch.float16)
+    _check(q, k, v, causal=True, seqlens_k=lens)
+    _, (dq, dk, dv) = _run("triton", q, k, v, torch.randn(q.shape, dtype=torch.float16), seqlens_k=lens)
+    assert not dk[0, 5:].any() and not dv[2, 17:].any() and dk[1].abs().sum() > 0
+    kn, vn = k.clone(), v.clone()
+    for i, n in enumerate(lens.tolist()):
+        kn[i, n:], vn[i, n:] = float("nan"), float("inf")
+    o = mk.flash_attention(q, kn, vn, seqlens_k=lens, backend="triton")
+    assert torch.equal(o, mk.flash_attention(q, k, v, seqlens_k=lens, backend="triton"))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rotary_with_sq_differing_from_sk(packed):
+    cos, sin = mk.rotary_cos_sin(64, 32)
+    if packed:
+        lq, lk = [2, 7, 1], [9, 30, 1]
+        q, k, v = _kv_inputs((sum(lq),), (sum(lk),), 4, 2, 32, torch.float32)
+        kw = dict(cu_seqlens=_cu(lq), cu_seqlens_k=_cu(lk))
+        pos = torch.randint(0, 64, (sum(lk),))
+    else:
+        q, k, v = _kv_inputs((2, 6), (2, 29), 4, 2, 32, torch.float32)
+        kw = {}
+        pos = torch.randint(0, 64, (2, 29))
+    _check(q, k, v, causal=True, rotary=(cos, sin), **kw)
+    _check(q, k, v, causal=True, rotary=(cos, sin), position_ids=pos, **kw)
+    if not packed:  # the queries sit at the keys' last positions: rotating first gives the same
+        q2, _ = mk.apply_rotary(q, q, cos, sin, pos[:, -6:])
+        _, k2 = mk.apply_rotary(k, k, cos, sin, pos)
+        torch.testing.assert_close(mk.flash_attention(q, k, v, rotary=(cos, sin), position_ids=pos, backend="triton"),
+                                   mk.flash_attention(q2, k2, v, backend="triton"), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_return_lse_against_logsumexp_and_its_gradient(packed):
+    if packed:
+        lq, lk = [4, 1, 13], [9, 1, 30]
+        q, k, v = _kv_inputs((sum(lq),), (sum(lk),), 4, 2, 32, torch.float32)
+        kw = dict(cu_seqlens=_cu(lq), cu_seqlens_k=_cu(lk))
+    else:
+        q, k, v = _kv_inputs((2, 7), (2, 30), 4, 2, 32, torch.float32)
+        kw = {}
+    o, lse = mk.flash_attention(q, k, v, return_lse=True, backend="triton", **kw)
+    assert lse.dtype == torch.float32 and lse.shape == ((4, q.shape[0]) if packed else (2, 4, 7))
+    # logsumexp of the masked scores, one sequence at a time, in float64
+    docs = (list(zip(_cu(lq).tolist(), _cu(lk).tolist())) if packed else None)
+    for i in range(3 if packed else 2):
+        if packed:
+            (qs, ks), (qe, ke) = docs[i], docs[i + 1]
+            qi, ki, lse_i = q[qs:qe].double(), k[ks:ke].double(), lse[:, qs:qe]
+        else:
+            qi, ki, lse_i = q[i].double(), k[i].double(), lse[i]
+        s = torch.einsum("qhd,khd->hqk", qi, ki.repeat_interleave(2, dim=1)) / 32 ** 0.5
+        n_q, n_k = qi.shape[0], ki.shape[0]
+        s = s.masked_fill(torch.arange(n_k)[None, :] > torch.arange(n_q)[:, None] + n_k - n_q, float("-inf"))
+        torch.testing.assert_close(lse_i.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-6)
+    # gradients through both outputs, against the float64 reference
+    g, gl = torch.randn(o.shape, dtype=torch.float64), torch.randn(lse.shape, dtype=torch.float64)
+
+    def grads(backend, *xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        o, lse = mk.flash_attention(*xs, return_lse=True, backend=backend, **kw)
+        return torch.autograd.grad((o.double() * g).sum() + (lse.double() * gl).sum(), xs)
+
+    for name, a, b, c in zip(("dq", "dk", "dv"), grads("triton", q, k, v), grads("torch", q, k, v),
+                             grads("torch", q.double(), k.double(), v.double())):
+        assert_close_rule(a, b, c, factor=3.0, atol=ATOL[torch.float32], name=name)
+
+
+def test_sq_differs_from_sk_bad_inputs():
+    q, k, v = _kv_inputs((1, 9), (1, 5), 4, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="sq <= sk"):
+        mk.flash_attention(q, k, v, causal=True, backend="triton")
+    with pytest.raises(ValueError, match="batch size"):
+        mk.flash_attention(q, torch.cat([k, k]), torch.cat([v, v]), causal=False, backend="triton")
+    qp, kp, vp = _kv_inputs((10,), (12,), 4, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):  # different token counts need key offsets
+        mk.flash_attention(qp, kp, vp, cu_seqlens=_cu([4, 6]), backend="triton")
+    with pytest.raises(ValueError, match="as many documents"):
+        mk.flash_attention(qp, kp, vp, cu_seqlens=_cu([4, 6]), cu_seqlens_k=_cu([4, 4, 4]), backend="triton")
+    with pytest.raises(ValueError, match="cu_seqlens_k must end at the number of tokens in k \\(12\\)"):
+        mk.flash_attention(qp, kp, vp, cu_seqlens=_cu([4, 6]), cu_seqlens_k=_cu([4, 6]), backend="triton")
+    with pytest.raises(ValueError, match="document 1: 6 queries, 5 keys"):
+        mk.flash_attention(qp, kp, vp, cu_seqlens=_cu([4, 6]), cu_seqlens_k=_cu([7, 5]), backend="triton")
+    with pytest.raises(ValueError, match="no keys"):
+        mk.flash_attention(qp, kp, vp, causal=False, cu_seqlens=_cu([4, 6]), cu_seqlens_k=_cu([12, 0]),
+                           backend="triton")
+    kc, vc = _kv_inputs((1, 20), (1, 20), 2, 2, 32, torch.float32)[1:]
+    with pytest.raises(ValueError, match=r"seqlens_k must lie in \[0, sk=20\]"):
+        mk.flash_attention(q, kc, vc, seqlens_k=torch.tensor([21], dtype=torch.int32), backend="triton")
+    with pytest.raises(ValueError, match="sequence 0: 9 queries, 4 keys"):
+        mk.flash_attention(q, kc, vc, seqlens_k=torch.tensor([4], dtype=torch.int32), backend="triton")
+    with pytest.raises(TypeError, match="seqlens_k must be int32"):
+        mk.flash_attention(q, kc, vc, seqlens_k=torch.tensor([12]), backend="triton")
+    with pytest.raises(ValueError, match="seqlens_k is for batched"):
+        mk.flash_attention(qp, kp, vp, cu_seqlens=_cu([4, 6]), cu_seqlens_k=_cu([6, 6]),
+                           seqlens_k=torch.tensor([12], dtype=torch.int32), backend="triton")
+
+
+# ---------------------------------------------------------------------------- decoding (split-KV)
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_kernel_over_key_splits(monkeypatch, splits, causal):
+    # group * sq <= DECODE_MAX_ROWS takes the decoding kernel: one program per (sequence, kv head),
+    # keys split over programs when they would leave the (pretend, 4-SM) GPU idle, then merged.
+    monkeypatch.setattr(A, "_FORCE_SPLITS", splits)
+    assert A.decode_splits(1, 70, 4, 16) == 5 and A.decode_splits(8, 70, 4, 16) == 1
+    _check(*_kv_inputs((1, 1), (1, 70), 8, 1, 64, torch.float16), causal=causal)  # 1 program: split
+    lens = torch.tensor([70, 2, 33], dtype=torch.int32)
+    _check(*_kv_inputs((3, 2), (3, 70), 4, 2, 32, torch.float32), causal=causal, seqlens_k=lens)
+    lq, lk = [1, 2, 0, 1], [40, 2, 3, 17]  # varlen decoding: packed queries against packed keys
+    _check(*_kv_inputs((sum(lq),), (sum(lk),), 4, 1, 32, torch.float16), causal=causal, cu_seqlens=_cu(lq),
+           cu_seqlens_k=_cu(lk))
+
+
+def test_decode_return_lse_merges_splits(monkeypatch):
+    monkeypatch.setattr(A, "_FORCE_SPLITS", 4)
+    q, k, v = _kv_inputs((2, 1), (2, 50), 4, 2, 32, torch.float32)
+    o, lse = mk.flash_attention(q, k, v, return_lse=True, backend="triton")
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(2, dim=2)) / 32 ** 0.5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-6)

@@ -95,3 +95,132 @@ def test_help_lists_every_key(capsys):
     for section in ("model", "training", "data", "eval", "checkpoint", "metrics", "parallel"):
         for f in dataclasses.fields(getattr(Config(), section)):
             assert f"--{section}.{f.name}=" in out
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("training.lr", float("inf"), "training.lr must be finite, got inf"),
+    ("training.lr", float("nan"), "training.lr must be finite, got nan"),
+    ("training.lr", 0.0, "training.lr must be > 0, got 0.0"),
+    ("training.min_lr", float("nan"), "training.min_lr must be finite"),
+    ("training.beta1", 1.5, r"training.beta1 must be in \[0, 1\), got 1.5"),
+    ("training.beta2", 1.0, r"training.beta2 must be in \[0, 1\), got 1.0"),
+    ("training.beta1", -0.1, r"training.beta1 must be in \[0, 1\)"),
+    ("training.eps", 0.0, "training.eps must be > 0"),
+    ("training.weight_decay", -0.1, "training.weight_decay must be >= 0, got -0.1"),
+    ("training.grad_clip", -1.0, "training.grad_clip must be >= 0"),
+    ("training.warmup_steps", -1, "training.warmup_steps must be >= 0"),
+    ("training.seed", -1, "training.seed must be >= 0"),
+    ("training.max_skipped_steps", 0, "training.max_skipped_steps must be >= 1"),
+    ("eval.batches", 0, "eval.batches must be >= 1, got 0"),
+    ("eval.interval", -1, r"eval.interval must be >= 0 \(0 = never\), got -1"),
+    ("checkpoint.interval", -5, r"checkpoint.interval must be >= 0 \(0 = only at the end\), got -5"),
+    ("metrics.log_interval", -1, "metrics.log_interval must be >= 1, got -1"),
+    ("metrics.log_interval", 0, "metrics.log_interval must be >= 1, got 0"),
+    ("metrics.peak_tflops", float("inf"), "metrics.peak_tflops must be finite"),
+    ("data.val_fraction", float("nan"), "data.val_fraction must be finite"),
+    ("data.weights", [1.0, float("inf")], "data.weights must be finite"),
+    ("model.dim", -64, r"model.dim must be positive, or 0 for the preset's value, got -64"),
+    ("model.norm_eps", float("nan"), "model.norm_eps must be finite"),
+    ("training.seq_len", 0, "training.seq_len must be a positive number of tokens, got 0"),
+])
+def test_every_key_is_range_checked(key, value, match):
+    cfg = Config()
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--training.lr=inf"], "training.lr must be finite"),
+    (["--training.lr=nan"], "training.lr must be finite"),
+    (["--training.beta1=1.5"], r"training.beta1 must be in \[0, 1\)"),
+    (["--eval.batches=0"], "eval.batches must be >= 1"),
+    (["--checkpoint.interval=-1"], "checkpoint.interval must be >= 0"),
+    (["--model.dim=64", "--model.init_from_hf=/some/hf"], "model.dim cannot be combined with model.init_from_hf"),
+])
+def test_command_line_values_are_validated(argv, match):
+    cfg, _ = parse_args(argv)
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+
+
+def test_resume_and_overwrite_flags():
+    _, flags = parse_args(["--overwrite"])
+    assert flags["overwrite"] and not flags["resume"]
+    with pytest.raises(ConfigError, match="--overwrite takes no value"):
+        parse_args(["--overwrite=yes"])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model.n_heads=3"], r"the preset's dim \(128\) must be divisible by model.n_heads \(3\)"),
+    (["--model.n_kv_heads=3"], r"the preset's n_heads \(4\) must be divisible by model.n_kv_heads \(3\)"),
+    (["--model.dim=96", "--model.n_heads=32"], r"head size model.dim / model.n_heads = 96 / 32 must be even"),
+])
+def test_model_overrides_are_validated(argv, match):
+    from train.trainer import model_config
+
+    cfg, _ = parse_args(argv)
+    validate(cfg)
+    with pytest.raises(ConfigError, match=match):
+        model_config(cfg)
+
+
+def test_model_overrides_apply_on_top_of_the_preset():
+    from train.trainer import check_model_fits, model_config
+
+    cfg, _ = parse_args(["--model.vocab_size=2000", "--model.n_layers=2", "--model.ffn_dim=256"])
+    validate(cfg)
+    m = model_config(cfg)
+    assert (m.vocab_size, m.n_layers, m.ffn_dim, m.dim, m.n_heads, m.n_kv_heads) == (2000, 2, 256, 128, 4, 2)
+    check_model_fits(cfg, m, 2000)
+    with pytest.raises(ConfigError, match=r"data.tokenizer has 2000 tokens but the model's vocab_size is 512 "
+                                          r"\(set --model.vocab_size=2000 or more\)"):
+        check_model_fits(Config(), model_config(Config()), 2000)
+
+
+# ------------------------------------------------------------- user errors from the command line
+def _main_error(argv, capsys) -> str:
+    """python -m train's main in-process: exit code 2 and exactly one line on stderr."""
+    from train.__main__ import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_startup_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    out = ["--out-dir", str(tmp_path / "run")]
+    line = _main_error(out + ["--data.tokenizer=/no/such/tokenizer.json"], capsys)
+    assert line.startswith("config error: data.tokenizer") and "/no/such/tokenizer.json" in line
+    line = _main_error(out + ["--model.backend=cuda"], capsys)
+    assert line.startswith("config error: model.backend = 'cuda' needs")
+    line = _main_error(out + ["--training.seq_len=100000"], capsys)
+    assert line.startswith("config error: training.seq_len = 100000") and "fewer than one sequence" in line
+    (tmp_path / "file").write_text("x")
+    line = _main_error(["--out-dir", str(tmp_path / "file"), "--steps", "1"], capsys)
+    assert "out_dir" in line and "not a directory" in line
+    line = _main_error(["--out-dir", str(tmp_path / "file" / "run"), "--steps", "1"], capsys)
+    assert line.startswith("config error: out_dir") and "file" in line
+
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    line = _main_error(out + ["--metrics.tensorboard=true"], capsys)
+    assert line == "config error: metrics.tensorboard = true needs the tensorboard package (pip install tensorboard)"
+    assert not (tmp_path / "run").exists()  # nothing was written for a refused run
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_out_dir(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        line = _main_error(["--out-dir", str(locked / "run")], capsys)
+        assert line.startswith("config error: out_dir") and "not writable" in line
+    finally:
+        locked.chmod(0o700)

@@ -444,6 +444,7 @@ def test_trainer_runs_on_prepared_shards(tmp_path, tokenizer_files):
     assert all(np.isfinite(r["loss"]) for r in rows) and abs(rows[0]["loss"] - np.log(512)) < 1.0
     assert np.isfinite(rows[-1]["val_loss"])
     cfg.data.tokenizer = "byte"  # shards made with the BPE are refused under another tokenizer
+    cfg.out_dir = str(tmp_path / "run-byte")  # a new run: the first one owns its directory
     with pytest.raises(ShardError, match="made with tokenizer"):
         run(cfg, progress=False)
 

@@ -50,6 +50,34 @@ def test_python_m_train_default_entry_point_runs(tmp_path):
     assert rows[0]["mfu"] is None  # unknown peak on the CPU
     assert "val_loss" in rows[-1]
     assert os.path.isdir(out / "checkpoints" / "step_00000004")
+    # the start-up banner: model and size, tokens per step, data, device and kernels, where output goes
+    banner = proc.stdout
+    assert "model   tiny: 0.87M parameters (dim 128, 4 layers" in banner
+    assert "tokens  512 per step (global_batch 8 x seq_len 64), 4 steps" in banner
+    assert "data    the bundled corpus (guidelines 40%" in banner and "tokenizer byte" in banner
+    assert "device  cpu x 1 (pp 1 x dp 1 x tp 1), float32, kernels auto -> torch" in banner
+    assert f"output  {out} (checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'})" in banner
+
+
+def test_evaluation_cadence_is_independent_of_logging(tmp_path):
+    cfg = small_config(tmp_path, steps=6)
+    cfg.eval.interval, cfg.metrics.log_interval, cfg.checkpoint.interval = 3, 5, 0
+    rows = run(cfg, progress=False)
+    assert [r["step"] for r in rows] == [3, 5, 6]  # a validation step is logged with the training metrics
+    assert ["val_loss" in r for r in rows] == [True, False, True]
+    assert all("loss" in r and "grad_norm" in r for r in rows)
+
+
+def test_model_overrides_on_top_of_the_preset(tmp_path, capsys):
+    cfg = small_config(tmp_path, steps=1)
+    cfg.model.vocab_size, cfg.model.dim, cfg.model.n_layers, cfg.model.ffn_dim = 600, 64, 2, 96
+    rows = run(cfg, progress=False)
+    assert math.isfinite(rows[0]["loss"])
+    assert "model   tiny (vocab_size=600, dim=64, n_layers=2, ffn_dim=96):" in capsys.readouterr().out
+    with open(tmp_path / "checkpoints" / "step_00000001" / "meta.json") as f:
+        shape = json.load(f)["model_config"]
+    assert (shape["vocab_size"], shape["dim"], shape["n_layers"], shape["ffn_dim"], shape["n_heads"]) == \
+        (600, 64, 2, 96, 4)
 
 
 def test_loss_falls_and_metrics_are_sane(tmp_path):

@@ -1,0 +1,78 @@
+"""python -m model.generate --checkpoint DIR --prompt "...": read what a trained model writes.
+
+DIR is a Hugging Face directory (config.json + safetensors, e.g. from ``python -m train.export``),
+whose tokenizer files are used, or a training run or checkpoint directory, whose run config names
+the tokenizer it was trained with (data.tokenizer). Each prompt is encoded as BOS + text; generation
+stops at EOS, which is not printed. Several --prompt values run as one batch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def load(checkpoint: str, tokenizer: str | None = None, device: str = "cpu", dtype: str | None = None):
+    """-> (Llama, tokenizer) from an HF directory or a training run/checkpoint directory."""
+    from train.tokenizer import load_tokenizer
+
+    from .llama import Llama
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    is_hf = any(os.path.isfile(os.path.join(checkpoint, name))
+                for name in ("model.safetensors", "model.safetensors.index.json"))
+    if is_hf:
+        model = Llama.from_hf(checkpoint, device=device, dtype=torch_dtype)
+        spec = tokenizer or checkpoint
+    else:
+        from train.checkpoint import CheckpointError
+        from train.export import load_model, resolve_checkpoint, run_tokenizer_spec
+
+        try:
+            ckpt = resolve_checkpoint(checkpoint)
+        except CheckpointError as e:    # one line for the user, like every other bad argument
+            raise ValueError(str(e)) from None
+        spec = tokenizer or run_tokenizer_spec(ckpt)
+        if spec is None:
+            raise ValueError(f"{checkpoint}: no run config.json names the tokenizer; pass --tokenizer")
+        model = load_model(ckpt).to(device=device, dtype=torch_dtype or torch.float32)
+    tok = load_tokenizer(spec)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    return model.eval(), tok
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="an HF directory, or a training run / checkpoint directory")
+    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tokenizer", default=None, help="override: byte, or a tokenizer file or directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the checkpoint's (HF) or float32 (training checkpoint)")
+    args = p.parse_args(argv)
+    try:
+        model, tok = load(args.checkpoint, args.tokenizer, args.device, args.dtype)
+        prompts = [[tok.bos_id] + tok.encode(text) for text in args.prompt]
+        out = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, stop_ids=(tok.eos_id,), seed=args.seed)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for text, ids in zip(args.prompt, out):
+        if ids and ids[-1] == tok.eos_id:
+            ids = ids[:-1]
+        print(text + tok.decode(ids), flush=True)
+        if len(out) > 1:
+            print("---")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Export of a training run with its tokenizer, save/load of tokenizers, and python -m model.generate."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SAMPLE = "Metformin 500 mg twice daily.\nHéllo wörld 😀 two  spaces\ttab "
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory):
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d = tmp_path_factory.mktemp("tok")
+    text = [f"patient {i} takes {i % 7} tablets of drug {chr(97 + i % 26)} daily" for i in range(300)]
+    (d / "train.txt").write_text("\n".join(text))
+    spm.SentencePieceTrainer.train(input=str(d / "train.txt"), model_prefix=str(d / "sp"), vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, minloglevel=2)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    bpe.save(str(d / "tokenizer.json"))
+    return {"sentencepiece": str(d / "sp.model"), "hf": str(d / "tokenizer.json")}
+
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece", "hf"])
+def test_saved_tokenizer_loads_back_the_same(kind, tokenizer_files, tmp_path):
+    tok = load_tokenizer("byte" if kind == "byte" else tokenizer_files[kind])
+    written = save_tokenizer(tok, str(tmp_path))
+    assert "tokenizer_config.json" in written
+    again = load_tokenizer(str(tmp_path))
+    assert type(again) is type(tok)
+    assert (again.bos_id, again.eos_id, again.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
+    assert again.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert again.decode(tok.encode(SAMPLE)) == tok.decode(tok.encode(SAMPLE))
+
+
+def test_byte_tokenizer_json_is_the_byte_tokenizer_for_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    save_tokenizer(ByteTokenizer(), str(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (hf.bos_token_id, hf.eos_token_id, len(hf)) == (256, 257, 258)
+    ids = ByteTokenizer().encode(SAMPLE)
+    assert hf(SAMPLE, add_special_tokens=False)["input_ids"] == ids
+    assert hf.decode(ids + [257], skip_special_tokens=True) == SAMPLE
+    # and through our HF path (the tokenizer.json alone)
+    assert HFTokenizer(str(tmp_path / "tokenizer.json")).encode(SAMPLE) == ids
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from train.config import Config
+    from train.trainer import run
+
+    cfg = Config()
+    cfg.out_dir = str(tmp_path_factory.mktemp("run"))
+    cfg.training.steps = 1
+    cfg.training.micro_batch = 2
+    cfg.training.global_batch = 2
+    cfg.training.seq_len = 32
+    cfg.training.warmup_steps = 1
+    cfg.checkpoint.interval = 1
+    cfg.eval.interval = 0
+    run(cfg, progress=False)
+    return cfg.out_dir
+
+
+def test_export_writes_the_tokenizer_and_its_special_ids(trained_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from train.export import main as export_main
+
+    out = tmp_path / "hf"
+    assert export_main(["--checkpoint", trained_run, "--out", str(out), "--dtype", "float32"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (256, 257)  # the byte tokenizer's, not Llama-2's
+    assert isinstance(load_tokenizer(str(out)), ByteTokenizer)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out)
+    assert hf.generation_config.eos_token_id == 257  # transformers' generate stops at this run's EOS
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token_id == 257
+
+
+def test_export_with_a_sentencepiece_tokenizer(trained_run, tokenizer_files, tmp_path):
+    from train.export import main as export_main
+
+    out = tmp_path / "hf"
+    assert export_main(["--checkpoint", trained_run, "--out", str(out), "--dtype", "float32",
+                        "--tokenizer", tokenizer_files["sentencepiece"]]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    assert isinstance(load_tokenizer(str(out)), SentencePieceTokenizer)
+
+
+def test_save_hf_without_a_tokenizer_guesses_no_ids(tmp_path):
+    from model import Llama, LlamaConfig
+
+    Llama(LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=50, ffn_dim=64, max_seq_len=16)).save_hf(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
+    assert not (tmp_path / "generation_config.json").exists()
+
+
+def _generate(*args):
+    return subprocess.run([sys.executable, "-m", "model.generate", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_generate_cli_from_a_run_and_from_its_export(trained_run, tmp_path):
+    from train.export import main as export_main
+
+    assert export_main(["--checkpoint", trained_run, "--out", str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    outs = []
+    for ckpt in (trained_run, str(tmp_path / "hf")):
+        r = _generate("--checkpoint", ckpt, "--prompt", "The patient", "--max-new-tokens", "8")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("The patient")
+        outs.append(r.stdout)
+    assert outs[0] == outs[1]  # the same weights and tokenizer either way, greedy
+
+
+def test_generate_cli_user_errors(tmp_path, trained_run):
+    r = _generate("--checkpoint", str(tmp_path), "--prompt", "x")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    r = _generate("--checkpoint", trained_run, "--prompt", "x", "--max-new-tokens", "0")
+    assert r.returncode == 2 and "max_new_tokens" in r.stderr
