@@ -5,6 +5,13 @@ import os
 
 import torch
 
+TEST_DEVICE = torch.device(os.environ.get("MEDITRON_TEST_DEVICE", "cpu"))
+"""Where the tests' tensors live (tests/conftest.py: cpu, or cuda under MEDITRON_TEST_DEVICE=cuda)."""
+ON_CUDA = TEST_DEVICE.type == "cuda"
+MATRIX_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if ON_CUDA else ())
+"""The dtypes of the matrix kernels' (attention's) test matrix: bf16 only natively, because the
+Triton interpreter's bf16 arithmetic is wrong (its tl.dot on raw bf16 gives garbage)."""
+
 FP32_FLOOR_ULPS = 16
 """The fp32 floor of the rule's baseline, in fp32 ulps (2**-23) of max|ref|.
 
