@@ -9,7 +9,8 @@
 # a stage that fails or times out is recorded while the rest still run:
 #
 #   1 tests_cuda       MEDITRON_TEST_DEVICE=cuda pytest: the op, model and module tests natively on the GPU,
-#                      bf16 included (the compiled-extension tests wait for stage 1b)
+#                      bf16 included, one pytest per file on half the cores (Triton compiles on the CPU);
+#                      the compiled-extension tests wait for stage 1b
 #   1b tests_cuda_ext  the cuda backend's tests, once the extension is built
 #   2 bench_attention  python -m benchmarks --ops flash_attention: ours beside SDPA flash, efficient and cuDNN
 #   3 train_step       python -m benchmarks.train_step (meanwhile, on half the cores: tests_cpu, the
@@ -102,10 +103,11 @@ summary() {
             fi
             printf "  %-16s %-18s %4s s   %s\n" "$name" "$verdict" "$secs" "$OUT/$name.log"
         done
-        for name in tests_cuda tests_cuda_ext; do
-            [ -f "$OUT/$name.log" ] && grep -E "passed|failed|error" "$OUT/$name.log" | tail -1 | sed "s/^/  $name: /"
+        [ -f "$OUT/tests_cuda_ext.log" ] && grep -E "passed|failed|error" "$OUT/tests_cuda_ext.log" | tail -1 | \
+            sed "s/^/  tests_cuda_ext: /"
+        for name in tests_cuda tests_cpu; do
+            [ -f "$OUT/$name.log" ] && grep -v "^exit   0 " "$OUT/$name.log" | sed "s/^/  $name: /"
         done
-        [ -f "$OUT/tests_cpu.log" ] && grep -v "^exit   0 " "$OUT/tests_cpu.log" | sed "s/^/  tests_cpu: /"
         [ -f "$OUT/tune.log" ] && sed "s/^/  tune: /" "$OUT/tune.log"
         echo "results: $(ls "$RES"/*"$DATE"*.json "$RES"/*"$DATE"*.png meditron_kernels/tuned/*.json 2>/dev/null | tr '\n' ' ')"
         return $status
@@ -157,17 +159,51 @@ fi
 (run_stage inspect 300 "$PY" -m benchmarks.inspect --json "$RES/static-$DATE.json") &
 INSPECT_PID=$!; BG_PIDS="$BG_PIDS $INSPECT_PID"
 
+# One pytest process per test file, several at a time (the interpreter runs on one core; on the GPU,
+# Triton's compiles do), largest files first; each file's log is written as it finishes.
+# Arguments: LOGDIR JOBS PATH... [-- PYTEST_ARGS...]; SKIP_TEST_FILES lists files to leave out.
+PARALLEL_PYTEST='
+import concurrent.futures as cf, glob, os, subprocess, sys
+logdir, jobs, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+paths, extra = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
+skip = {os.path.normpath(f) for f in os.environ.get("SKIP_TEST_FILES", "").split()}
+skip.add(os.path.join("tests", "benchmarks", "test_inspect.py"))  # the inspect stage runs the static report
+files = [os.path.normpath(f) for p in paths for f in (glob.glob(os.path.join(p, "**", "test_*.py"), recursive=True)
+                                                      if os.path.isdir(p) else [p])]
+files = sorted({f for f in files if f not in skip}, key=os.path.getsize, reverse=True)
+os.makedirs(logdir, exist_ok=True)
+def one(f):
+    log = os.path.join(logdir, f.replace(os.sep, "_") + ".log")
+    with open(log, "w") as out:
+        rc = subprocess.run([sys.executable, "-m", "pytest", f, "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+                             *extra], stdout=out, stderr=subprocess.STDOUT).returncode
+    with open(log) as fh:
+        lines = fh.read().strip().splitlines()
+    return f, rc, lines[-1] if lines else ""
+bad = 0
+with cf.ThreadPoolExecutor(jobs) as pool:
+    for f, rc, last in pool.map(one, files):
+        print(f"exit {rc:3}  {f}: {last}", flush=True)
+        bad += rc not in (0, 5)  # 5: nothing collected
+print(f"{len(files)} test files, {bad} failing")
+sys.exit(1 if bad else 0)
+'
+printf "%s" "$PARALLEL_PYTEST" >"$OUT/parallel_pytest.py"
+
 # ------------------------------------------------------------------ 1: tests on the GPU
-# The static-report tests compile for sm_80/sm_90 on the CPU; the inspect stage covers them.
+# The static-report tests compile for sm_80/sm_90 on the CPU; the inspect stage covers them. The
+# compiled extension's tests wait for its build (stage 1b).
+GPU_TESTS="tests/ops tests/model tests/test_nn.py tests/test_helpers.py"
 if [ -n "$DRY" ]; then
     # In the default (interpreter) mode, cut to the quick files: checks the wiring.
-    run_stage tests_cuda "$(limit 150)" "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_helpers.py \
-        tests/test_tuned.py -k "not static_report"
+    GPU_TESTS="tests/test_helpers.py tests/test_tuned.py"
+    MODE=cpu
 else
-    run_stage tests_cuda "$(limit 150)" env MEDITRON_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra \
-        tests/ops tests/model tests/test_nn.py tests/test_helpers.py --deselect tests/ops/test_cuda_ops.py \
-        -k "not static_report"
+    MODE=cuda
 fi
+# shellcheck disable=SC2086
+run_stage tests_cuda "$(limit 180)" env MEDITRON_TEST_DEVICE=$MODE SKIP_TEST_FILES=tests/ops/test_cuda_ops.py \
+    "$PY" "$OUT/parallel_pytest.py" "$OUT/tests_cuda" "$HALF" $GPU_TESTS -- -k "not static_report"
 if [ -n "${BUILD_PID:-}" ]; then
     wait "$BUILD_PID"
 fi
@@ -186,35 +222,8 @@ run_stage bench_attention "$(limit 150)" "$PY" -m benchmarks --ops flash_attenti
 
 # ------------------------------------------------------------------ 3: training step (+ the CPU suite)
 wait "$INSPECT_PID" 2>/dev/null
-# One pytest process per test file, several at a time (the interpreter runs on one core), largest
-# files first; the GPU hidden, so this is CI's run with this machine's torch and Triton.
-PARALLEL_PYTEST='
-import concurrent.futures as cf, glob, os, subprocess, sys
-logdir, jobs, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-files = [f for p in paths for f in (glob.glob(os.path.join(p, "**", "test_*.py"), recursive=True)
-                                    if os.path.isdir(p) else [p])
-         if not f.endswith(os.path.join("benchmarks", "test_inspect.py"))]
-files.sort(key=os.path.getsize, reverse=True)
-os.makedirs(logdir, exist_ok=True)
-def one(f):
-    log = os.path.join(logdir, f.replace(os.sep, "_") + ".log")
-    with open(log, "w") as out:
-        rc = subprocess.run([sys.executable, "-m", "pytest", f, "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"],
-                            stdout=out, stderr=subprocess.STDOUT).returncode
-    with open(log) as fh:
-        lines = fh.read().strip().splitlines()
-    return f, rc, lines[-1] if lines else ""
-bad = 0
-with cf.ThreadPoolExecutor(jobs) as pool:
-    for f, rc, last in pool.map(one, files):
-        print(f"exit {rc:3}  {f}: {last}", flush=True)
-        bad += rc not in (0, 5)  # 5: nothing collected
-print(f"{len(files)} test files, {bad} failing")
-sys.exit(1 if bad else 0)
-'
 CPU_TESTS=$([ -n "$DRY" ] && echo "tests/test_helpers.py tests/test_tuned.py tests/test_api.py" || echo tests)
-# shellcheck disable=SC2086
-printf "%s" "$PARALLEL_PYTEST" >"$OUT/parallel_pytest.py"
+# The GPU hidden: this is CI's run, with this machine's torch and Triton.
 # shellcheck disable=SC2086
 (CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 run_stage tests_cpu "$(limit 200)" "$PY" "$OUT/parallel_pytest.py" \
     "$OUT/tests_cpu" "$HALF" $CPU_TESTS) &
