@@ -1,7 +1,7 @@
 """Exact attention with GQA: ours against SDPA's flash (FlashAttention-2), memory-efficient and
 cuDNN backends, at 16k tokens.
 
-FLOP model (CONVENTIONS §5): forward 4 b s^2 h d (two matmuls of 2 b s^2 h d), halved for
+FLOP model (docs/design.md, "Floors"): forward 4 b s^2 h d (two matmuls of 2 b s^2 h d), halved for
 causal; backward 2.5x the forward (five matmuls, one of them recomputing the scores); both 3.5x.
 Attention is compute-bound at these shapes, so the floor is FLOPs over the measured bf16 GEMM
 peak. The bytes (q, k, v, o and the per-row log-sum-exp; in the backward also do, dq, dk, dv)

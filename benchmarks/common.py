@@ -6,7 +6,7 @@ one random input set, what the op must move and compute at least in each directi
 :class:`Cost`), and which :class:`Provider` implementations to compare. :func:`run_case` times
 every provider on the same inputs in the same process, so the numbers are side by side.
 
-How the numbers are made (CONVENTIONS §5):
+How the numbers are made (docs/design.md, "Benchmark method"):
 
 - Ceilings are measured, not taken from a data sheet: a device-to-device copy gives the
   bandwidth, a bf16 8192^3 GEMM the matrix peak. A row's floor is bytes / bandwidth or
@@ -41,7 +41,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Figures measured on the parts we target, for comparison with this run's own measurements
-# (CONVENTIONS §5). Floors always use this run's measurements.
+# (docs/design.md, "Measured ceilings"). Floors always use this run's measurements.
 REFERENCE_CEILINGS = {"H100": dict(copy_gbps=3000.0, gemm_tflops=798.0),
                       "H200": dict(copy_gbps=4300.0, gemm_tflops=790.0)}
 
@@ -321,7 +321,7 @@ def _forward_backward(fn, inputs: dict, dys: list[torch.Tensor] | None):
 
 
 class Checker:
-    """The accuracy rule of CONVENTIONS §4 applied to a provider on one input set:
+    """The accuracy rule of docs/design.md applied to a provider on one input set:
     max|out - ref| <= 2 max|out_torch - ref| + atol for outputs, 3x for gradients, where ref is
     the reference in float32 (float64 for float32 inputs) and out_torch the reference in the
     case's dtype. Run once per case, before any timing."""

@@ -18,41 +18,21 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import os
 from typing import Any, Callable
 
 import torch
+
+from meditron_kernels.backend import unavailable_reason
 
 from .common import Provider
 
 ALL = ("triton", "cuda", "torch", "torch.compile", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "liger")
 
 
-def backend_unavailable(op: str, backend: str, device: torch.device) -> str | None:
-    """Why ``op`` cannot run on ``backend`` for tensors on ``device``, or None when it can."""
-    from meditron_kernels import backend as B
-
-    if (op, backend) not in B._REGISTRY:
-        return f"{op} has no {backend!r} backend in this build"
-    if backend == "cuda":
-        if device.type != "cuda":
-            return "the cuda backend needs a CUDA device"
-        if not B.cuda_extension_available():
-            from meditron_kernels import _cuda_ext
-
-            return _cuda_ext.why_unavailable()
-    if backend == "triton":
-        if not B._HAS_TRITON:
-            return "triton is not installed"
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for the interpreter)"
-    return None
-
-
 def ours(op: str, backend: str, call: Callable[[dict, str], Any], note: str = "") -> Provider:
     """Our ``backend`` ("triton" or "cuda"); ``call(inputs, backend)`` runs the public op."""
     return Provider(backend, lambda inputs: call(inputs, backend),
-                    why_not=lambda device: backend_unavailable(op, backend, device),
+                    why_not=lambda device: unavailable_reason(op, backend, device),
                     note=note, timed_on_cpu=backend != "triton")
 
 

@@ -118,12 +118,9 @@ def model_backends(backend: str | None, device: torch.device) -> dict[str, str]:
     """The backend each op of the model resolves to; Skip when one cannot run here."""
     from meditron_kernels import backend as B
 
-    from .providers import backend_unavailable
-
     out, missing = {}, []
     for op in MODEL_OPS:
-        name = B.resolve(backend, device, op)
-        why = backend_unavailable(op, name, device) if name != "torch" else None
+        name, why = B.choose(op, device, backend)
         if why:
             missing.append(why)
         out[op] = name

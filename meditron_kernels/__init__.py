@@ -229,5 +229,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tenso
         hidden, lm_head_weight, targets, ignore_index, chunk_size)
 
 
-# Backends beyond the reference register themselves on import.
+# The Triton and CUDA implementations register on import; ops/__init__.py lists their modules.
 from . import ops  # noqa: E402,F401

@@ -9,9 +9,18 @@ Every public op takes ``backend=None``. The name is resolved in this order:
    model for the op and shape bucket (the tables in ``meditron_kernels/tuned/``, written by the
    GPU-validation run), else ``"triton"`` (when Triton is importable).
 
-Implementations register themselves per (op, backend) with :func:`register`; the
-public functions in ``meditron_kernels/__init__.py`` validate their inputs once and
-then call :func:`dispatch`.
+Implementations register themselves per (op, backend) with :func:`register` when their
+module is imported (``meditron_kernels/reference.py`` for "torch", the modules listed in
+``meditron_kernels/ops/__init__.py`` for "triton" and "cuda"). The public functions in
+``meditron_kernels/__init__.py`` validate their inputs once and then call :func:`dispatch`.
+
+The registry's public surface, shared by dispatch, the benchmarks and the scripts:
+
+- :func:`implementations` -- the registered implementations of an op, by backend name;
+- :func:`resolve` -- the backend name a call would use;
+- :func:`unavailable_reason` -- why an op cannot run on a backend here, or None;
+- :func:`choose` -- both at once: ``(name, reason)``;
+- :func:`dispatch` -- the callable, or the error that ``unavailable_reason`` describes.
 """
 from __future__ import annotations
 
@@ -112,6 +121,51 @@ def resolve(backend: str | None, device: torch.device, op: str | None = None, si
     return name if name is not None else auto_backend(op, device, size)
 
 
+def triton_available() -> bool:
+    """Whether the triton package is importable (the Triton op modules need it)."""
+    return _HAS_TRITON
+
+
+def implementations(op: str) -> dict[str, Callable]:
+    """The registered implementations of ``op``, by backend name ({} for an unknown op)."""
+    return {name: fn for (o, name), fn in _REGISTRY.items() if o == op}
+
+
+def _problem(op: str, name: str, device: torch.device) -> tuple[type[Exception], str] | None:
+    """Why ``op`` cannot run on backend ``name`` for tensors on ``device``: the exception type a
+    call raises and its message; None when it can run."""
+    if name == "triton" and not _HAS_TRITON:
+        return RuntimeError, f"{op}: backend='triton' needs the triton package (pip install triton)"
+    if name == "cuda":
+        if device.type != "cuda":
+            return ValueError, (f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}; "
+                                "a compiled CUDA kernel needs a CUDA device")
+        if not cuda_extension_available():
+            from . import _cuda_ext
+
+            return RuntimeError, f"{op}: backend='cuda' is unavailable: {_cuda_ext.why_unavailable()}"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ValueError, (f"{op}: backend='triton' got tensors on {device}; Triton kernels need CUDA tensors, "
+                            "or TRITON_INTERPRET=1 set before meditron_kernels is imported to run them on the CPU")
+    if (op, name) not in _REGISTRY:
+        return NotImplementedError, f"{op} has no {name!r} backend yet"
+    return None
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device | str) -> str | None:
+    """Why ``op`` cannot run on ``backend`` for tensors on ``device`` (one line), or None when it can."""
+    _check_name(backend, "backend")
+    problem = _problem(op, backend, torch.device(device))
+    return None if problem is None else problem[1]
+
+
+def choose(op: str, device: torch.device | str, backend: str | None = None) -> tuple[str, str | None]:
+    """Which backend a call of ``op`` on ``device`` would use, and why it cannot run there (None when it can)."""
+    device = torch.device(device)
+    name = resolve(backend, device, op)
+    return name, unavailable_reason(op, name, device)
+
+
 def dispatch(op: str, backend: str | None, device: torch.device) -> Callable:
     """The implementation of ``op`` for the resolved backend, or a clear error. Under auto on a GPU
     whose measured table picks different backends by shape, the choice waits for the arguments."""
@@ -129,21 +183,8 @@ def dispatch(op: str, backend: str | None, device: torch.device) -> Callable:
 
 
 def _checked(op: str, name: str, device: torch.device) -> Callable:
-    if name == "triton" and not _HAS_TRITON:
-        raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install triton)")
-    if name == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
-        if not cuda_extension_available():
-            from . import _cuda_ext
-
-            raise RuntimeError(f"{op}: backend='cuda' is unavailable: {_cuda_ext.why_unavailable()}")
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"{op}: backend='triton' got tensors on {device}; Triton kernels need CUDA tensors, "
-            "or TRITON_INTERPRET=1 set before meditron_kernels is imported to run them on the CPU"
-        )
-    fn = _REGISTRY.get((op, name))
-    if fn is None:
-        raise NotImplementedError(f"{op} has no {name!r} backend yet")
-    return fn
+    problem = _problem(op, name, device)
+    if problem is not None:
+        error, message = problem
+        raise error(message)
+    return _REGISTRY[(op, name)]

@@ -1,4 +1,5 @@
-"""Shared test utilities: the accuracy rule, and the device the tests run on."""
+"""Shared test utilities: the accuracy rule of docs/design.md ("Accuracy rule"), and the device the
+tests run on."""
 from __future__ import annotations
 
 import os

@@ -1,6 +1,6 @@
 """The Triton flash attention (meditron_kernels/ops/attention.py) under the interpreter.
 
-Accuracy rule (CONVENTIONS §4): max|out - ref64| <= 2 x max|out_torch - ref64| + atol, gradients 3x,
+Accuracy rule (docs/design.md, "Accuracy rule"): max|out - ref64| <= 2 x max|out_torch - ref64| + atol, gradients 3x,
 where ref64 is the torch reference in float64 and out_torch the torch reference in the input dtype.
 Shapes stay small: the interpreter runs every program in Python. Tiles under the interpreter are
 32 query rows x 16 keys (dk/dv: 32 keys x 16 queries), so a sequence of 37 crosses several blocks,
@@ -69,7 +69,7 @@ def test_batched(b, s, h, hkv, d, causal, dtype):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_bf16_through_fp32_dot_operands(causal):
-    # The interpreter's bf16 arithmetic is broken (CONVENTIONS §6); the kernels switch their matmul
+    # The interpreter's bf16 arithmetic is broken (docs/design.md, platform facts); the kernels switch their matmul
     # operands to fp32 there, after rounding p and ds to bf16 as the tensor cores would see them.
     _check(*_inputs((1, 37), 4, 2, 64, torch.bfloat16), causal=causal)
 

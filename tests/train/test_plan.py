@@ -6,7 +6,11 @@ import types
 import pytest
 
 from train import plan
-from train.plan import ARCHITECTURES, GPUS, PUBLISHED_RUNS, Cluster, Layout, mfu, predict, search
+from train.plan import ARCHITECTURES, GPUS, PUBLISHED_RUNS, Cluster, mfu, predict, search
+from train.plan import PlanLayout as Layout
+from train.plan.cost import layer_cost
+from train.plan.memory import activation_bytes_per_token
+from train.plan.runs import megatron_tflops_to_tokens_per_s
 
 MEDITRON = dict(model="meditron-70b", gpu="A100-80", nodes=16, tp=8, pp=8, dp=2, micro_batch=2,
                 global_batch=512, seq_len=4096, recompute="selective")
@@ -17,7 +21,7 @@ MEDITRON = dict(model="meditron-70b", gpu="A100-80", nodes=16, tp=8, pp=8, dp=2,
 def test_meditron_mfu_arithmetic_reproduces_the_paper():
     # Its own inputs: 40,200 tokens/s on 128 A100s (312 TFLOP/s), 6 x 70e9 FLOPs per token.
     assert round(mfu(40200, 6 * 70e9, 128, 312e12), 3) == 0.423
-    # CONVENTIONS §5: the same run is 44.7% under (6 N_non_embedding + 12 L d s).
+    # docs/design.md, "MFU": the same run is 44.7% under (6 N_non_embedding + 12 L d s).
     named = ARCHITECTURES["meditron-70b"].model_flops_per_token(4096)
     assert round(mfu(40200, named, 128, 312e12), 3) == 0.447
 
@@ -55,7 +59,7 @@ def test_published_runs_cover_meditron_and_two_more_sources():
 
 def test_megatron_tflops_conversion():
     # Table 1's 1T row: 3072 GPUs at 163 TFLOP/s each, counted with the paper's eq. 3.
-    tps = plan._megatron_tflops_to_tokens_per_s("gpt-1t", 3072, 163)
+    tps = megatron_tflops_to_tokens_per_s("gpt-1t", 3072, 163)
     a = ARCHITECTURES["gpt-1t"]
     s, l, h, v = 2048, a.n_layers, a.dim, a.vocab_size
     per_token = 96 * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
@@ -71,7 +75,7 @@ def test_per_layer_timings_of_korthikanti_table_4():
     for (sp, rc), (fwd_ms, bwd_ms) in measured.items():
         layout = Layout(tp=8, pp=1, dp=1, micro_batch=4, global_batch=4, seq_len=2048, recompute=rc,
                         sequence_parallel=sp, flash_attention=False)
-        c = plan._layer_cost(arch, cluster, layout)
+        c = layer_cost(arch, cluster, layout)
         fwd = c.fwd_compute + c.fwd_comm
         bwd = (c.bwd_compute + c.recompute + c.recompute_comm + c.bwd_comm_exposed
                + max(0.0, c.bwd_comm_hidden - c.overlap_window))
@@ -146,7 +150,7 @@ def test_activation_bytes_follow_korthikanti_table_2():
         rc = kw.pop("recompute")
         layout = Layout(tp=t, pp=1, dp=1, micro_batch=1, global_batch=1, seq_len=s, recompute=rc,
                         flash_attention=False, **kw)
-        return plan._activation_bytes_per_token(a, layout, rc) / h
+        return activation_bytes_per_token(a, layout, rc) / h
 
     assert per_token(recompute="none", sequence_parallel=False) == pytest.approx(10 + 24 / t + attn / t)
     assert per_token(recompute="none", sequence_parallel=True) == pytest.approx(34 / t + attn / t)
@@ -291,3 +295,58 @@ def test_docs_table_matches_the_model():
     from pathlib import Path
     doc = (Path(__file__).resolve().parents[2] / "docs" / "plan.md").read_text()
     assert plan.validation_table(markdown=True) in doc
+
+
+# --- one vocabulary with the model and the trainer ----------------------------------------------
+
+def test_shapes_and_flops_come_from_llama_config():
+    from model import PRESETS, LlamaConfig
+    from train import metrics
+
+    for name in PRESETS:
+        cfg, a = LlamaConfig.from_name(name), ARCHITECTURES[name]
+        assert a.config == cfg
+        assert a.n_params == cfg.num_params()
+        assert a.model_flops_per_token(4096) == cfg.flops_per_token(4096)
+    assert plan.mfu is metrics.mfu
+    assert {g.peak_flops for g in GPUS.values()} == set(metrics.PEAK_FLOPS.values())
+
+
+def test_config_toml_reads_the_training_layout(capsys):
+    argv = ["--config", "train/configs/meditron-70b.toml", "--gpu", "A100-80", "--nodes", "16", "--json"]
+    assert plan.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "meditron-70b"
+    assert (out["tp"], out["pp"], out["dp"], out["micro_batch"], out["global_batch"], out["seq_len"]) == \
+        (8, 8, 2, 2, 512, 4096)
+    # The trainer's selective checkpointing (norms, rotary, SwiGLU) and FSDP2 over dp.
+    assert out["recompute"] == "elementwise" and out["fsdp"] is True and out["sequence_parallel"] is True
+    # Flags given with --config override it.
+    assert plan.main(argv + ["--pp", "4", "--dp", "4", "--recompute", "full"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["pp"], out["dp"], out["recompute"]) == (4, 4, "full")
+
+
+def test_config_errors_are_clear(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        plan.main(["--config", str(tmp_path / "missing.toml"), "--gpu", "H100", "--nodes", "1"])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_elementwise_recompute_sits_between_none_and_full():
+    runs = {rc: predict(**{**MEDITRON, "recompute": rc}) for rc in ("none", "elementwise", "full")}
+    acts = {rc: p.memory.activations for rc, p in runs.items()}
+    assert acts["none"] > acts["elementwise"] > acts["full"]
+    assert runs["none"].step_time_s < runs["elementwise"].step_time_s < runs["full"].step_time_s
+
+
+def test_fsdp_shards_weights_and_gradients_and_gathers_them():
+    zero1 = predict(**MEDITRON)
+    fsdp = predict(**MEDITRON, fsdp=True)
+    assert fsdp.memory.gradients < zero1.memory.gradients
+    assert fsdp.memory.optimizer < zero1.memory.optimizer
+    assert fsdp.dp_comm_s > zero1.dp_comm_s  # weights gathered and gradients reduced every micro-batch
+    assert fsdp.dp_comm_s >= fsdp.dp_comm_exposed_s > 0
+    no_pp = dict(MEDITRON, pp=1, dp=16, global_batch=512)
+    flat = predict(**{**no_pp, "recompute": "full"}, fsdp=True)
+    assert flat.memory.parameters < predict(**{**no_pp, "recompute": "full"}).memory.parameters
