@@ -118,7 +118,8 @@ BG_PIDS=""
 on_exit() {
     local rc
     trap - EXIT INT TERM
-    for pid in $BG_PIDS; do kill "$pid" 2>/dev/null; done
+    # A background stage is a subshell around `timeout`; timeout passes the signal on to its command.
+    for pid in $BG_PIDS; do pkill -TERM -P "$pid" 2>/dev/null; kill "$pid" 2>/dev/null; done
     [ -n "${SITE:-}" ] && rm -rf "$SITE"
     summary
     rc=$?
