@@ -5,7 +5,9 @@ Every public op takes ``backend=None``. The name is resolved in this order:
 1. the ``backend=`` argument of the call;
 2. a process default set by :func:`set_backend` or the :func:`use_backend` context;
 3. the ``MEDITRON_KERNELS_BACKEND`` environment variable;
-4. auto: ``"triton"`` for CUDA tensors (when Triton is importable), ``"torch"`` otherwise.
+4. auto: ``"torch"`` for CPU tensors; for CUDA tensors, the backend measured fastest on this GPU
+   model for the op and shape bucket (the tables in ``meditron_kernels/tuned/``, written by the
+   GPU-validation run), else ``"triton"`` (when Triton is importable).
 
 Implementations register themselves per (op, backend) with :func:`register` when their
 module is imported (``meditron_kernels/reference.py`` for "torch", the modules listed in
@@ -34,8 +36,6 @@ ENV_VAR = "MEDITRON_KERNELS_BACKEND"
 
 _REGISTRY: dict[tuple[str, str], Callable] = {}
 _default: str | None = None
-# Filled by per-op measurements (issue: auto picks the faster of cuda and triton on a GPU).
-_AUTO_CUDA_OPS: set[str] = set()
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -89,21 +89,36 @@ def cuda_extension_available() -> bool:
     return _cuda_ext.available()
 
 
-def resolve(backend: str | None, device: torch.device, op: str | None = None) -> str:
-    """The backend name a call on tensors living on ``device`` will use."""
+def _named(backend: str | None) -> str | None:
+    """The backend asked for by the call, the process default or the environment; None: auto."""
     name = backend if backend is not None else _default
     if name is None:
         name = os.environ.get(ENV_VAR) or None
         if name is not None and name not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")
-    if name is None:
-        if device.type == "cuda" and _HAS_TRITON:
-            if op in _AUTO_CUDA_OPS and cuda_extension_available():
-                return "cuda"
-            return "triton"
-        return "torch"
-    _check_name(name, "backend")
+    if name is not None:
+        _check_name(name, "backend")
     return name
+
+
+def auto_backend(op: str | None, device: torch.device, size: int | None = None, slug: str | None = None) -> str:
+    """Auto's choice for ``op`` on ``device`` at shape bucket ``size`` (the last dimension of the
+    op's first argument; None: the largest measured bucket). ``slug`` names the GPU model (default:
+    the device's own), as the tables in meditron_kernels/tuned/ do."""
+    if device.type != "cuda" or not _HAS_TRITON:
+        return "torch"
+    if op is None:
+        return "triton"
+    from . import tuned
+
+    choice = tuned.choose(op, slug or tuned.slug_of(device), size)
+    return "cuda" if choice == "cuda" and cuda_extension_available() else "triton"
+
+
+def resolve(backend: str | None, device: torch.device, op: str | None = None, size: int | None = None) -> str:
+    """The backend name a call on tensors living on ``device`` will use."""
+    name = _named(backend)
+    return name if name is not None else auto_backend(op, device, size)
 
 
 def triton_available() -> bool:
@@ -152,8 +167,22 @@ def choose(op: str, device: torch.device | str, backend: str | None = None) -> t
 
 
 def dispatch(op: str, backend: str | None, device: torch.device) -> Callable:
-    """The implementation of ``op`` for the resolved backend, or a clear error."""
-    name = resolve(backend, device, op)
+    """The implementation of ``op`` for the resolved backend, or a clear error. Under auto on a GPU
+    whose measured table picks different backends by shape, the choice waits for the arguments."""
+    if _named(backend) is None and device.type == "cuda" and _HAS_TRITON:
+        from . import tuned
+
+        slug = tuned.slug_of(device)
+        if tuned.has_choices(op, slug):
+            def by_shape(first, *args):
+                name = auto_backend(op, device, first.shape[-1] if first.dim() else 1, slug)
+                return _checked(op, name, device)(first, *args)
+
+            return by_shape
+    return _checked(op, resolve(backend, device, op), device)
+
+
+def _checked(op: str, name: str, device: torch.device) -> Callable:
     problem = _problem(op, name, device)
     if problem is not None:
         error, message = problem

@@ -106,7 +106,8 @@ def load_hf(cls, path, device=None, dtype=None) -> Llama:
     if dtype is None:
         name = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"
         dtype = getattr(torch, name) if isinstance(name, str) else torch.float32
-    device = torch.device(device if device is not None else "cpu")
+    # None: torch's default device, as a factory function would use (cpu unless set otherwise)
+    device = torch.device(device) if device is not None else torch.get_default_device()
     with torch.device("meta"):
         model = cls(cfg)
     model.to_empty(device=device)

@@ -16,7 +16,7 @@ def test_rms_norm_module_parameters_and_init():
     norm.reset_parameters()
     assert torch.equal(norm.weight.detach(), torch.ones(64))
     meta = RMSNorm(64, device="meta")
-    meta.to_empty(device="cpu")
+    meta.to_empty(device=torch.get_default_device())
     meta.reset_parameters()
     assert torch.equal(meta.weight.detach(), torch.ones(64))
 
@@ -44,7 +44,7 @@ def test_swiglu_module_parameters_and_init():
     assert mlp.w1.weight.abs().max() <= 0.06 and mlp.w2.weight.abs().max() <= 0.03
     assert 0.005 < mlp.w3.weight.std() < 0.015
     meta = SwiGLU(32, 80, device="meta")
-    meta.to_empty(device="cpu")
+    meta.to_empty(device=torch.get_default_device())
     meta.reset_parameters()
     assert torch.isfinite(meta.w2.weight).all()
 

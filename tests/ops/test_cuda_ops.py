@@ -27,7 +27,7 @@ def test_backend_entries_registered_without_extension():
 
 
 def test_cpu_tensors_rejected():
-    x, w = torch.randn(2, 8), torch.randn(8)
+    x, w = torch.randn(2, 8, device="cpu"), torch.randn(8, device="cpu")
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
         mk.rms_norm(x, w, backend="cuda")
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):

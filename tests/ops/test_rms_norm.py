@@ -191,7 +191,7 @@ def test_mismatched_inputs_raise():
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        mk.rms_norm(torch.randn(2, 8), torch.randn(8), backend="triton")
+        mk.rms_norm(torch.randn(2, 8, device="cpu"), torch.randn(8, device="cpu"), backend="triton")
 
 
 # ---------------------------------------------------------------------------- torch integration

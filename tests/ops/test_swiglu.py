@@ -162,7 +162,7 @@ def test_mismatched_inputs_raise():
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        mk.swiglu(torch.randn(4), torch.randn(4), backend="triton")
+        mk.swiglu(torch.randn(4, device="cpu"), torch.randn(4, device="cpu"), backend="triton")
 
 
 # ---------------------------------------------------------------------------- torch integration
