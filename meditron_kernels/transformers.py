@@ -289,19 +289,19 @@ def _swap_decoder_class(layer: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- model forwards
-def _base_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, *, _opts, _orig, **kwargs):
+def _base_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, *, _opts, **kwargs):
     """Computes the packing once per forward for every layer, then runs transformers' forward. The
     2-D mask is consumed here, so transformers builds no 4-D mask for the meditron attention."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and cache.get_seq_length() > 0:  # decoding: transformers' masks for its attention
-        return _orig(input_ids, attention_mask, position_ids, **kwargs)
+        return type(self).forward(self, input_ids, attention_mask, position_ids, **kwargs)
     ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     batch, seq = ref.shape[:2]
     packing = _plan(attention_mask, position_ids, kwargs, batch, seq)
-    return _orig(input_ids, None, position_ids, meditron_packing=packing, **kwargs)
+    return type(self).forward(self, input_ids, None, position_ids, meditron_packing=packing, **kwargs)
 
 
-def _causal_lm_forward(self, *args, _opts, _orig, _positional, **kwargs):
+def _causal_lm_forward(self, *args, _opts, _positional, **kwargs):
     """transformers' forward, except in training with labels: then the fused loss, no logits."""
     if len(args) > len(_positional):
         raise TypeError(f"{type(self).__name__}.forward takes at most {len(_positional)} positional arguments")
@@ -310,7 +310,7 @@ def _causal_lm_forward(self, *args, _opts, _orig, _positional, **kwargs):
     lm_head = self.get_output_embeddings()
     fusable = type(lm_head) is nn.Linear and lm_head.bias is None
     if labels is None or not self.training or not fusable:
-        return _orig(**kwargs)
+        return type(self).forward(self, **kwargs)
     kwargs.pop("labels")
     shift_labels = kwargs.pop("shift_labels", None)
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -347,6 +347,9 @@ class _Options:
     backend: str | None
     modeling: types.ModuleType
 
+    def __deepcopy__(self, memo):  # immutable, and holds a module: a copied model shares it
+        return self
+
 
 def _supported_classes() -> tuple[type, ...]:
     return tuple(getattr(transformers, name) for name in SUPPORTED)
@@ -354,7 +357,12 @@ def _supported_classes() -> tuple[type, ...]:
 
 def _bind(module: nn.Module, fn, **extra) -> None:
     # Per-instance forward: an instance attribute shadows the class's forward for this module only.
-    module.forward = types.MethodType(functools.partial(fn, **extra), module)
+    # The replacement calls the class's forward itself when it needs it, and holds no reference to
+    # the module, so copy.deepcopy of a patched model gives a patched copy.
+    impl = functools.partial(fn, **extra)
+    # Trainer and generate read the accepted arguments from the signature: keep transformers' one.
+    impl.__signature__ = inspect.signature(type(module).forward)
+    module.forward = types.MethodType(impl, module)
 
 
 def apply(model, rms_norm: bool = True, rotary: bool = True, attention: bool = True, swiglu: bool = True,
@@ -406,15 +414,11 @@ def apply(model, rms_norm: bool = True, rotary: bool = True, attention: bool = T
     if rms_norm:
         _bind(base.norm, _rms_norm_forward, _opts=opts)
     if attention:
-        _bind(base, _base_model_forward, _opts=opts, _orig=base.forward)
+        _bind(base, _base_model_forward, _opts=opts)
     if fused_linear_cross_entropy:
-        orig = target.forward
-        positional = [p.name for p in inspect.signature(orig).parameters.values()
+        positional = [p.name for p in inspect.signature(target.forward).parameters.values()
                       if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-        target.forward = functools.wraps(type(target).forward)(
-            functools.partial(_causal_lm_forward, target, _opts=opts, _orig=orig, _positional=positional))
-        # Trainer reads the accepted columns from the signature; keep transformers' one.
-        target.forward.__signature__ = inspect.signature(orig)
+        _bind(target, _causal_lm_forward, _opts=opts, _positional=positional)
     target._meditron_kernels = {k: v for k, v in flags.items()} | {"backend": backend}
     return model
 
