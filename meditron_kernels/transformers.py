@@ -110,8 +110,8 @@ def _document_offsets(position_ids: torch.Tensor) -> torch.Tensor:
 
 @_document_offsets.register_fake
 def _(position_ids):
-    n = torch.library.get_ctx().new_dynamic_size(min=1, max=position_ids.numel())
-    return position_ids.new_empty((n + 1,), dtype=torch.int32)
+    n = torch.library.get_ctx().new_dynamic_size(min=2, max=position_ids.numel() + 1)  # n_docs + 1
+    return position_ids.new_empty((n,), dtype=torch.int32)
 
 
 def _plan(attention_mask, position_ids, kwargs: dict, batch: int, seq: int) -> _Packing:
@@ -359,10 +359,12 @@ def _bind(module: nn.Module, fn, **extra) -> None:
     # Per-instance forward: an instance attribute shadows the class's forward for this module only.
     # The replacement calls the class's forward itself when it needs it, and holds no reference to
     # the module, so copy.deepcopy of a patched model gives a patched copy.
-    impl = functools.partial(fn, **extra)
+    def forward(self, *args, **kwargs):
+        return fn(self, *args, **extra, **kwargs)
+
     # Trainer and generate read the accepted arguments from the signature: keep transformers' one.
-    impl.__signature__ = inspect.signature(type(module).forward)
-    module.forward = types.MethodType(impl, module)
+    forward.__signature__ = inspect.signature(type(module).forward)
+    module.forward = types.MethodType(forward, module)
 
 
 def apply(model, rms_norm: bool = True, rotary: bool = True, attention: bool = True, swiglu: bool = True,
