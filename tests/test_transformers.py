@@ -179,6 +179,36 @@ def test_trainer_with_gradient_accumulation_matches_unpatched(tmp_path):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), rtol=1e-5, atol=1e-6)
 
 
+def test_trl_sft_trainer_matches_unpatched(tmp_path):
+    # TRL computes the loss with its own fused LM head over the (patched) backbone; padded batches
+    # and packing (padding-free position_ids) both follow the unpatched model's loss curve.
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models
+
+    torch.manual_seed(1)
+    rows = [{"input_ids": torch.randint(1, VOCAB, (int(n),)).tolist()} for n in torch.randint(3, 10, (8,))]
+    vocab = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="t0", eos_token="t0", unk_token="t1")
+
+    def train(model, packing):
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+            learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+            bf16=False, packing=packing, max_length=16 if packing else None, disable_tqdm=True)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tok)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    ref = _model("llama", pad_token_id=0, eos_token_id=0)
+    pat = mkt.apply(copy.deepcopy(ref))
+    for packing in (False, True):
+        expect, got = train(copy.deepcopy(ref), packing), train(copy.deepcopy(pat), packing)
+        assert len(expect) == 2
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_checkpointing_still_applies():
     ref = mkt.apply(_model("qwen3"))
     ckpt = copy.deepcopy(ref)  # a copy of a patched model is patched
