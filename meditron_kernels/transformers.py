@@ -90,7 +90,8 @@ def _token_index(mask: torch.Tensor) -> torch.Tensor:
 @_token_index.register_fake
 def _(mask):
     # A data-dependent length: an unbacked size under torch.compile, so the graph does not break.
-    n = torch.library.get_ctx().new_dynamic_size(max=mask.numel())
+    # (No max bound: under dynamic shapes numel() is symbolic, and the bound must be a plain int.)
+    n = torch.library.get_ctx().new_dynamic_size()
     return mask.new_empty((n,), dtype=torch.int64)
 
 
@@ -110,7 +111,7 @@ def _document_offsets(position_ids: torch.Tensor) -> torch.Tensor:
 
 @_document_offsets.register_fake
 def _(position_ids):
-    n = torch.library.get_ctx().new_dynamic_size(min=2, max=position_ids.numel() + 1)  # n_docs + 1
+    n = torch.library.get_ctx().new_dynamic_size(min=2)  # n_docs + 1
     return position_ids.new_empty((n,), dtype=torch.int32)
 
 

@@ -316,3 +316,14 @@ def test_errors():
         window(**_padded_batch())
     with pytest.raises(ValueError, match="2-D .* padding attention_mask"):
         model(input_ids=torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 1, 3, 3))
+
+
+def test_packing_ops():
+    # The data-dependent index ops behind unpadding and padding-free packing (custom ops, so that
+    # torch.compile traces them with an unbacked size instead of breaking the graph).
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    assert mkt._token_index(mask).tolist() == [0, 1, 4, 5]
+    pos = torch.tensor([[0, 1, 2, 0, 1], [5, 6, 0, 1, 9]])
+    assert mkt._document_offsets(pos).tolist() == [0, 3, 5, 7, 9, 10]
+    torch.library.opcheck(torch.ops.meditron_kernels.hf_token_index.default, (mask,))
+    torch.library.opcheck(torch.ops.meditron_kernels.hf_document_offsets.default, (pos,))
