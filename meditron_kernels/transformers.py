@@ -214,7 +214,8 @@ def _cache_of(kwargs: dict):
     return cache if cache is not None else legacy
 
 
-def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *, _opts, **kwargs):
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *, _opts, _scale,
+                       **kwargs):
     """The decoder's attention with the projections as the model's own modules."""
     b, s, _ = hidden_states.shape
     shape = (b, s, -1, self.head_dim)
@@ -240,7 +241,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
                              scaling=self.scaling, sliding_window=_sliding_window(self), **kwargs)
             return self.o_proj(o.reshape(b, s, -1)), None
     if _opts.attention:
-        o = _attend(self, q, k, v, attention_mask, self.scaling, kwargs, _opts.backend, packing)
+        o = _attend(self, q, k, v, attention_mask, _scale, kwargs, _opts.backend, packing)
     else:
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           _opts.modeling.eager_attention_forward)
@@ -404,7 +405,10 @@ def apply(model, rms_norm: bool = True, rotary: bool = True, attention: bool = T
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if rotary or attention:
-            _bind(attn, _attention_forward, _opts=opts)
+            # The softmax scale as a constant fixed now (None: the kernels' 1 / sqrt(head_dim)):
+            # torch.compile(dynamic=True) would otherwise trace the module's float as a symbol.
+            scale = None if attn.scaling == attn.head_dim ** -0.5 else float(attn.scaling)
+            _bind(attn, _attention_forward, _opts=opts, _scale=scale)
         if swiglu:
             _bind(mlp, _swiglu_forward, _opts=opts)
         if rms_norm:
