@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per row (ms)")
     p.add_argument("--no-check", action="store_true", help="skip the accuracy check against the reference")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--no-train-step", action="store_true", help="on the CPU, skip the tiny training step")
+    p.add_argument("--no-train-step", action="store_true",
+                   help="on the CPU, skip the tiny training step and the Hugging Face loss measurement")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.ops = _csv(args.ops, OPS, "ops", canonical_op_or_keep)
@@ -238,6 +239,13 @@ def main(argv=None) -> int:
             ts_args += ["--json", default_json_path(env, "-train-step") if args.json == "auto"
                         else os.path.splitext(args.json)[0] + "-train-step.json"]
         status = max(status, train_step.main(ts_args))
+    if env["device_type"] != "cuda" and not args.no_train_step:
+        from . import hf_step
+
+        # The Hugging Face step's CPU part: the loss's peak memory, fused against unfused. A small
+        # hidden size keeps it within a couple of minutes on 2 cores; the logits set the memory.
+        print("\nHugging Face causal-LM loss (CPU):", flush=True)
+        status = max(status, hf_step.main(["--loss-memory", "--hidden", "64"]))
     return status
 
 

@@ -86,8 +86,11 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
                  position_ids: torch.Tensor | None = None, interleaved: bool = False, *, backend: str | None = None):
     """Rotary position embedding of q and k, out of place.
 
-    q (batch, seq, n_heads, head_dim); k (batch, seq, n_kv_heads, head_dim);
-    cos, sin (max_positions, head_dim // 2); position_ids (batch, seq) int, or None for 0..seq-1.
+    q (batch, seq, n_heads, head_dim); k (batch, seq, n_kv_heads, head_dim). The angles are either
+    tables cos, sin (max_positions, head_dim // 2) read at position_ids ((batch, seq) int, (1, seq)
+    broadcast over the batch, or None for 0..seq-1), or per-token cos, sin (batch or 1, seq, head_dim)
+    as transformers' rotary embeddings return them (then position_ids must be None): pair element j
+    reads column j, so out = x * cos + rotate_half(x) * sin exactly as transformers defines it.
     interleaved=False rotates halves (HF Llama checkpoints); True rotates adjacent pairs (Meta's layout).
     """
     V.floating(q, "q")
@@ -102,9 +105,15 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         raise ValueError(f"head_dim must be even for rotary, got {q.shape[3]}")
     V.same_dtype(k, "k", q, "q")
     V.same_device(k, "k", q, "q")
-    _check_rotary_tables(cos, sin, q.shape[3], q, q.shape[1] if position_ids is None else None)
-    if position_ids is not None:
-        _check_position_ids(position_ids, tuple(q.shape[:2]), q, cos.shape[0])
+    if isinstance(cos, torch.Tensor) and cos.dim() == 3:
+        V.rotary_per_token(cos, sin, q)
+        if position_ids is not None:
+            raise ValueError("position_ids must be None with per-token cos and sin (batch, seq, head_dim): "
+                             "those angles already belong to each token")
+    else:
+        _check_rotary_tables(cos, sin, q.shape[3], q, q.shape[1] if position_ids is None else None)
+        if position_ids is not None:
+            V.rotary_position_ids(position_ids, q, cos.shape[0])
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
     return dispatch("apply_rotary", backend, q.device)(q, k, cos, sin, position_ids, interleaved)

@@ -157,3 +157,29 @@ def position_range(position_ids: torch.Tensor, n_positions: int) -> None:
         raise ValueError(f"position_ids must lie in [0, {n_positions}) (the rows of cos and sin), "
                          f"got values in [{lo}, {hi}]")
     _checked_positions[position_ids] = key
+
+
+def rotary_per_token(cos, sin, q: torch.Tensor) -> None:
+    """Per-token rotary angles, as transformers computes them: cos and sin (batch or 1, seq, head_dim),
+    matching q (batch, seq, n_heads, head_dim); batch 1 is broadcast over q's batch."""
+    batch, seq, _, head_dim = q.shape
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        floating(t, name)
+        ndim(t, name, 3, f"3-D (batch, seq, head_dim) = ({batch} or 1, {seq}, {head_dim}) for per-token angles")
+        if t.shape[0] not in (1, batch) or t.shape[1:] != (seq, head_dim):
+            raise ValueError(f"{name} must have shape ({batch} or 1, {seq}, {head_dim}) (batch or 1, seq, head_dim) "
+                             f"for per-token angles, got {tuple(t.shape)}")
+        same_device(t, name, q, "q")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+
+
+def rotary_position_ids(position_ids, q: torch.Tensor, n_positions: int) -> None:
+    """position_ids (batch, seq), or (1, seq) broadcast over the batch, indexing rows of the tables."""
+    integer(position_ids, "position_ids")
+    batch, seq = q.shape[:2]
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq:
+        raise ValueError(f"position_ids must have shape (batch, seq) = ({batch}, {seq}) or (1, {seq}), "
+                         f"got {tuple(position_ids.shape)}")
+    same_device(position_ids, "position_ids", q, "q")
+    position_range(position_ids, n_positions)

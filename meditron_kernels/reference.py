@@ -43,32 +43,49 @@ def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=N
     return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    # x (..., head_dim); cos, sin broadcastable to (..., head_dim // 2)
+def _rotate(x: torch.Tensor, c1: torch.Tensor, s1: torch.Tensor, c2: torch.Tensor, s2: torch.Tensor,
+            interleaved: bool) -> torch.Tensor:
+    # x (..., head_dim); the angles broadcastable to (..., head_dim // 2). Pair i is (x1, x2) =
+    # (x[i], x[i + half]), or (x[2i], x[2i + 1]) when interleaved; it becomes
+    # (x1 c1 - x2 s1, x2 c2 + x1 s2). Tables give c1 = c2, s1 = s2: a rotation.
     xf = _acc(x)
-    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
+    c1, s1, c2, s2 = (t.to(xf.dtype) for t in (c1, s1, c2, s2))
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        out = torch.stack((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1).flatten(-2)
     else:
         x1, x2 = xf.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        out = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
     return out.to(x.dtype)
 
 
-def _gather_angles(cos, sin, position_ids, seq_len):
-    # -> cos, sin broadcastable against (batch, seq, heads, head_dim // 2)
+def _gather_angles(cos, sin, position_ids, seq_len, interleaved):
+    # -> c1, s1, c2, s2 broadcastable against (batch, seq, heads, head_dim // 2)
+    if cos.dim() == 3:
+        # Per-token angles (batch or 1, seq, head_dim), as transformers computes them: the
+        # first element of each pair reads its own column, the second its partner's.
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        if interleaved:
+            return c[..., 0::2], s[..., 0::2], c[..., 1::2], s[..., 1::2]
+        (c1, c2), (s1, s2) = c.chunk(2, dim=-1), s.chunk(2, dim=-1)
+        return c1, s1, c2, s2
     if position_ids is None:
-        return cos[:seq_len, None, :], sin[:seq_len, None, :]
-    pos = position_ids.long()
-    return cos[pos][:, :, None, :], sin[pos][:, :, None, :]
+        c, s = cos[:seq_len, None, :], sin[:seq_len, None, :]
+    else:
+        pos = position_ids.long()  # (batch, seq), or (1, seq) broadcast over the batch
+        c, s = cos[pos][:, :, None, :], sin[pos][:, :, None, :]
+    return c, s, c, s
 
 
 @register("apply_rotary", "torch")
 def apply_rotary(q, k, cos, sin, position_ids=None, interleaved=False):
-    """q (batch, seq, n_heads, head_dim), k (batch, seq, n_kv_heads, head_dim) -> rotated q, k."""
-    c, s = _gather_angles(cos, sin, position_ids, q.shape[1])
-    return _rotate(q, c, s, interleaved), _rotate(k, c, s, interleaved)
+    """q (batch, seq, n_heads, head_dim), k (batch, seq, n_kv_heads, head_dim) -> rotated q, k.
+
+    cos, sin: tables (max_positions, head_dim // 2) read at position_ids, or per-token angles
+    (batch or 1, seq, head_dim).
+    """
+    angles = _gather_angles(cos, sin, position_ids, q.shape[1], interleaved)
+    return _rotate(q, *angles, interleaved), _rotate(k, *angles, interleaved)
 
 
 # ---------------------------------------------------------------------------- SwiGLU

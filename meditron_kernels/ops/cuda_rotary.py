@@ -66,9 +66,13 @@ def apply_rotary(q, k, cos, sin, position_ids=None, interleaved=False):
     other dtypes are converted once, as the reference converts them to float32 for every op.
     """
     V.kernel_dtype(q, "q", "cuda")
+    if cos.dim() == 3:
+        raise NotImplementedError("apply_rotary: backend='cuda' reads 2-D tables (max_positions, head_dim // 2); "
+                                  "per-token cos and sin (batch, seq, head_dim) run on backend='triton' or 'torch'")
     cos = cos.to(torch.float32).contiguous()
     sin = sin.to(torch.float32).contiguous()
     if position_ids is not None:
-        position_ids = position_ids.contiguous()
+        # (1, seq) positions serve the whole batch; the kernel indexes (batch, seq).
+        position_ids = position_ids.expand(q.shape[0], q.shape[1]).contiguous()
     return torch.ops.meditron_kernels.cuda_apply_rotary(
         _last_dim_contiguous(q), _last_dim_contiguous(k), cos, sin, position_ids, interleaved, False)

@@ -73,6 +73,130 @@ def test_position_ids_are_honoured():
     assert not torch.equal(qo[:, 9:], q0[:, 9:])
 
 
+def _per_token_angles(batch, seq, d, n_positions=None, dtype=torch.float32, independent=False):
+    """cos, sin (batch, seq, head_dim) as transformers' rotary embedding returns them: the table
+    row of each token's position, repeated for both halves. independent=True draws every column
+    freely instead (the general map x * cos + rotate_half(x) * sin, not a rotation)."""
+    if independent:
+        return torch.randn(batch, seq, d).to(dtype), torch.randn(batch, seq, d).to(dtype)
+    cos, sin = mk.rotary_cos_sin(n_positions or seq + 64, d)
+    pos = torch.randint(0, cos.shape[0], (batch, seq))
+    return torch.cat((cos[pos], cos[pos]), -1).to(dtype), torch.cat((sin[pos], sin[pos]), -1).to(dtype)
+
+
+# (batch, seq, n_heads, n_kv_heads, head_dim, batch of the angles (1: broadcast), independent columns)
+PER_TOKEN_CASES = [(2, 1, 4, 4, 64, 1, False), (1, 37, 8, 2, 128, 1, True), (3, 13, 8, 1, 96, 3, False),
+                   (2, 37, 16, 2, 64, 2, True)]
+
+
+@pytest.mark.parametrize("case", PER_TOKEN_CASES, ids=lambda c: "x".join(map(str, c[:6])) + ("_free" if c[6] else ""))
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_per_token_angles_accuracy(case, interleaved, dtype):
+    # transformers hands attention per-token cos, sin (batch or 1, seq, head_dim), in the model's dtype.
+    b, s, hq, hk, d, cb, free = case
+    q, k = torch.randn(b, s, hq, d).to(dtype), torch.randn(b, s, hk, d).to(dtype)
+    cos, sin = _per_token_angles(cb, s, d, dtype=dtype, independent=free)
+    gq, gk = torch.randn(q.shape).to(dtype), torch.randn(k.shape).to(dtype)
+    ours = _forward_backward(q, k, cos, sin, None, interleaved, "triton", gq, gk)
+    plain = _forward_backward(q, k, cos, sin, None, interleaved, "torch", gq, gk)
+    ref = _forward_backward(q, k, cos.double(), sin.double(), None, interleaved, "torch", gq, gk,
+                            dtype=torch.float64)
+    for name, o, t, r in zip(("q_out", "k_out", "dq", "dk"), ours, plain, ref):
+        assert o.dtype == dtype
+        assert_close_rule(o, t, r, factor=2.0 if name.endswith("out") else 3.0, name=name)
+
+
+def test_per_token_angles_are_transformers_formula():
+    # The reference against transformers' own definition, q * cos + rotate_half(q) * sin, with
+    # every column of cos and sin free; and the interleaved layout against pairwise rotation.
+    b, s, h, d = 2, 5, 3, 8
+    q, k = torch.randn(b, s, h, d, dtype=torch.float64), torch.randn(b, s, 1, d, dtype=torch.float64)
+    cos, sin = torch.randn(1, s, d, dtype=torch.float64), torch.randn(1, s, d, dtype=torch.float64)
+
+    def rotate_half(x):
+        return torch.cat((-x[..., d // 2:], x[..., : d // 2]), -1)
+
+    q2, k2 = mk.apply_rotary(q, k, cos, sin, backend="torch")
+    c, sn = cos[:, :, None], sin[:, :, None]
+    assert torch.allclose(q2, q * c + rotate_half(q) * sn, atol=1e-12)
+    assert torch.allclose(k2, k * c + rotate_half(k) * sn, atol=1e-12)
+    q3, _ = mk.apply_rotary(q, k, cos, sin, interleaved=True, backend="torch")
+    x1, x2 = q[..., 0::2], q[..., 1::2]
+    expect = torch.stack((x1 * c[..., 0::2] - x2 * sn[..., 0::2], x2 * c[..., 1::2] + x1 * sn[..., 1::2]), -1)
+    assert torch.allclose(q3, expect.flatten(-2), atol=1e-12)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_per_token_angles_equal_tables(interleaved):
+    # Tables read at position_ids and the same angles handed over per token give the same result.
+    b, s, hq, hk, d = 2, 11, 4, 2, 64
+    q, k = torch.randn(b, s, hq, d), torch.randn(b, s, hk, d)
+    cos, sin = mk.rotary_cos_sin(32, d)
+    pos = torch.randint(0, 32, (b, s))
+    if interleaved:
+        per_tok = cos[pos].repeat_interleave(2, -1), sin[pos].repeat_interleave(2, -1)
+    else:
+        per_tok = torch.cat((cos[pos], cos[pos]), -1), torch.cat((sin[pos], sin[pos]), -1)
+    for backend in ("torch", "triton"):
+        a = mk.apply_rotary(q, k, cos, sin, pos, interleaved=interleaved, backend=backend)
+        t = mk.apply_rotary(q, k, *per_tok, interleaved=interleaved, backend=backend)
+        assert torch.allclose(a[0], t[0], atol=1e-6) and torch.allclose(a[1], t[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_position_ids_broadcast_over_batch(backend):
+    # transformers passes position_ids (1, seq) for a whole batch: the same as expanding them.
+    b, s, d = 3, 9, 64
+    q, k, cos, sin, _ = _inputs(b, s, 4, 2, d, torch.float32, False)
+    pos = torch.randint(0, cos.shape[0], (1, s))
+    q.requires_grad_(), k.requires_grad_()
+    qo, ko = mk.apply_rotary(q, k, cos, sin, pos, backend=backend)
+    gq, gk = torch.autograd.grad((qo * 1.5).sum() + ko.sum(), (q, k))
+    qe, ke = mk.apply_rotary(q, k, cos, sin, pos.expand(b, s).contiguous(), backend=backend)
+    ge = torch.autograd.grad((qe * 1.5).sum() + ke.sum(), (q, k))
+    for x, y in zip((qo, ko, gq, gk), (qe, ke, *ge)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("pos_shape", r"position_ids must have shape \(batch, seq\) = \(2, 4\) or \(1, 4\)"),
+    ("per_token_shape", r"cos must have shape \(2 or 1, 4, 64\)"),
+    ("per_token_sin_2d", "sin must be 3-D"),
+    ("per_token_with_pos", "position_ids must be None with per-token cos and sin"),
+], ids=lambda v: v if " " not in v and "\\" not in v else "")
+def test_bad_angle_shapes(case, match):
+    q, k, cos, sin, pos = _inputs(2, 4, 2, 1, 64, torch.float32, True)
+    tok_cos, tok_sin = _per_token_angles(2, 4, 64)
+    args = {
+        "pos_shape": (cos, sin, pos[:, :3]),
+        "per_token_shape": (tok_cos[:, :, :32], tok_sin, None),
+        "per_token_sin_2d": (tok_cos, sin, None),
+        "per_token_with_pos": (tok_cos, tok_sin, pos),
+    }[case]
+    with pytest.raises(ValueError, match=match):
+        mk.apply_rotary(q, k, *args, backend="triton")
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_per_token_compile_and_opcheck(interleaved):
+    q, k = torch.randn(2, 5, 4, 64), torch.randn(2, 5, 2, 64)
+    cos, sin = _per_token_angles(1, 5, 64)
+    torch.library.opcheck(torch.ops.meditron_kernels.triton_apply_rotary.default,
+                          (q.clone().requires_grad_(), k.clone().requires_grad_(), cos, sin, None, interleaved, False))
+
+    def step(q, k):
+        qo, ko = mk.apply_rotary(q, k, cos, sin, interleaved=interleaved, backend="triton")
+        return (qo * qo).sum() + ko.sum()
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        fn(qq, kk).backward()
+        grads.append((qq.grad, kk.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
 def test_strided_inputs(interleaved):
     # q and k as views of one fused qkv projection (head and token strides != contiguous),
@@ -192,7 +316,8 @@ def rotary_reports():
 def test_static_compile(cc, rotary_reports):
     reports = [r for r in rotary_reports if r["arch"] == f"sm_{cc}"]
     assert {r["kernel"] for r in reports} == {
-        "rotary_half_fwd", "rotary_half_bwd", "rotary_interleaved_fwd", "rotary_interleaved_bwd"}
+        f"rotary_{layout}{angles}_{way}" for layout in ("half", "interleaved") for angles in ("", "_per_token")
+        for way in ("fwd", "bwd")}
     for rec in reports:
         assert rec["spill_bytes"] == 0 and rec["stack_bytes"] == 0, rec
         assert rec["shared_bytes"] <= rec["shared_limit"], rec
