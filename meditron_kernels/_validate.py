@@ -114,3 +114,13 @@ def position_range(position_ids: torch.Tensor, n_positions: int) -> None:
         raise ValueError(f"position_ids must lie in [0, {n_positions}) (the rows of cos and sin), "
                          f"got values in [{lo}, {hi}]")
     _checked_positions[position_ids] = key
+
+
+def process_group(v, name: str) -> None:
+    """None, or an initialised torch.distributed ProcessGroup this process belongs to."""
+    if v is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(v, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(v).__name__}")
