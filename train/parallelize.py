@@ -16,9 +16,9 @@ row-parallel, so the attention and SwiGLU ops see plain local tensors holding n_
 stream between blocks is the local (batch, seq / tp, dim) slice, and the norms run our RMSNorm op
 on it; their weight is a Replicate DTensor whose gradient is labelled Partial (each rank saw
 only its slice of the sequence) and summed over tp by FSDP or by settle_partial_grads. The
-embedding is vocab-parallel and the head column-parallel over the vocabulary; the loss is
-torch's ``loss_parallel`` cross-entropy on the vocab-sharded logits, so the full logits never
-exist on one rank.
+embedding is vocab-parallel and the head column-parallel over the vocabulary; the loss
+(train/loss.py) runs the head and the cross-entropy as one vocabulary-parallel fused op, so no
+rank ever holds logits, not even its own vocabulary slice's for a whole micro batch.
 """
 from __future__ import annotations
 
@@ -254,7 +254,8 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     if model.tok_embeddings is not None:
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
     if model.output is not None:
-        # vocab-sharded logits, returned as the local shard: the loss wraps them again
+        # The weight split over the vocabulary, which is all the fused loss reads; model(tokens)
+        # still gives this rank's logits slice.
         top["output"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=True)
     if top:
         parallelize_module(model, tp_mesh, top)
@@ -275,10 +276,9 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
             plan["attention.wk"] = ColwiseParallel()
             plan["attention.wv"] = ColwiseParallel()
         if sequence_parallel:
-            # all-gather the normed slice before the column-parallel matmuls
-            # (Attention.forward takes x, rope, cu_seqlens, max_seqlen, position_ids)
-            plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
-                                                   desired_input_layouts=(Replicate(), None, None, None, None))
+            # all-gather the normed slice before the column-parallel matmuls (x is the one
+            # positional input of both; the rest are keywords, left alone)
+            plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
             plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
         parallelize_module(block, tp_mesh, plan)
         if kv == "replicate":
@@ -289,17 +289,6 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
             _replicated_kv(block.attention.wv, tp_mesh, head * hd, (head + 1) * hd)
         _tp_norm(block.attention_norm, tp_mesh, sequence_parallel)
         _tp_norm(block.ffn_norm, tp_mesh, sequence_parallel)
-
-
-def tp_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, tp_mesh, ignore_index: int = -100):
-    """Mean cross-entropy of vocab-sharded logits (batch, seq, vocab / tp) with torch's
-    loss_parallel: each rank reduces its vocabulary slice, and only per-token statistics are
-    exchanged. Call it, and run the backward, inside ``loss_parallel()``."""
-    import torch.nn.functional as F
-    from torch.distributed.tensor import DTensor, Shard
-
-    logits = DTensor.from_local(logits_local, tp_mesh, (Shard(2),), run_check=False)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=ignore_index)
 
 
 # ------------------------------------------------------------------------ initialisation
@@ -408,7 +397,7 @@ def mixed_precision_policy(dtype: str):
 def apply_data_parallel(part: nn.Module, layout: Layout, dtype: str, pipelined: bool) -> None:
     """FSDP2 over dp (each block, then the stage root), or, without parallel.fsdp, FSDP2's
     hybrid mode with one-rank shards, i.e. whole parameters and all-reduced gradients."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     mesh = layout.mesh
     dp_mesh = mesh["dp"] if "dp_shard" not in mesh.mesh_dim_names else mesh["dp", "dp_shard"]
@@ -418,10 +407,9 @@ def apply_data_parallel(part: nn.Module, layout: Layout, dtype: str, pipelined: 
     reshard = not pipelined
     for block in part.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    # The root's parameters (embedding, norm, head) stay gathered after its forward, so the
+    # loss can read the head's weight after the forward returns the hidden states.
     fully_shard(part, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    # Llama.loss (the fused head + cross-entropy) is a second entry point next to forward:
-    # FSDP must gather the stage's own parameters (embedding, norm, head) around it too.
-    register_fsdp_forward_method(part, "loss")
 
 
 # ------------------------------------------------------------------------ packed documents
@@ -469,7 +457,8 @@ def build_schedule(parts: list[nn.Module], stage_ids: list[int], n_stages: int, 
 
     Stage input and output shapes are given up front (static mode): the stream between stages
     is (micro_batch, seq / tp under sequence parallelism, dim) in the activation dtype, and the
-    last stage returns its local logits (micro_batch, seq, vocab / tp).
+    last stage returns the hidden states the head reads, of the same shape: ``loss_fn`` fuses
+    the head with the loss (train/loss.py), so no stage materialises logits.
     """
     from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                               ScheduleInterleaved1F1B, ScheduleZBVZeroBubble)
@@ -485,12 +474,7 @@ def build_schedule(parts: list[nn.Module], stage_ids: list[int], n_stages: int, 
             inp = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
         else:
             inp = stream
-        if s == n_stages - 1:
-            out = torch.empty(micro_batch, seq_len, cfg.vocab_size // layout.tp, dtype=act_dtype, device="meta",
-                              requires_grad=True)
-        else:
-            out = stream
-        stages.append(PipelineStage(part, s, n_stages, device, input_args=(inp,), output_args=(out,), group=group))
+        stages.append(PipelineStage(part, s, n_stages, device, input_args=(inp,), output_args=(stream,), group=group))
     cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1f1b": ScheduleInterleaved1F1B,
            "zbv": ScheduleZBVZeroBubble}[name]
     if name in ("1f1b", "gpipe"):
