@@ -14,8 +14,9 @@ Tensor parallelism follows Megatron's layout. wq/wk/wv/w1/w3 are column-parallel
 row-parallel, so the attention and SwiGLU ops see plain local tensors holding n_heads / tp heads
 (or ffn_dim / tp columns) and never gather anything. With sequence parallelism the residual
 stream between blocks is the local (batch, seq / tp, dim) slice, and the norms run our RMSNorm op
-on it; their weight is a Replicate DTensor whose gradient is labelled Partial (each rank saw
-only its slice of the sequence) and summed over tp by FSDP or by settle_partial_grads. The
+on it as a Shard(1) DTensor through the op's registered sharding rule (meditron_kernels.
+distributed); their weight is a Replicate DTensor whose gradient comes out Partial (each rank
+saw only its slice of the sequence) and is summed over tp by FSDP or by settle_partial_grads. The
 embedding is vocab-parallel and the head column-parallel over the vocabulary; the loss
 (train/loss.py) runs the head and the cross-entropy as one vocabulary-parallel fused op, so no
 rank ever holds logits, not even its own vocabulary slice's for a whole micro batch.
@@ -27,7 +28,6 @@ import functools
 import inspect
 import math
 import os
-import types
 
 import torch
 import torch.distributed as dist
@@ -194,33 +194,30 @@ def kv_layout(n_heads: int, n_kv_heads: int, tp: int) -> str:
     return ""
 
 
-def _norm_forward(self, x, residual=None):
-    # Runs the RMSNorm op on local tensors, so no op needs a DTensor sharding rule whatever the
-    # backend. SequenceParallel's input hook hands x over as a Shard(1) DTensor; the residual
-    # stream arrives as the local slice. The weight's gradient is this rank's share of a sum
-    # over tokens: labelled Partial under sequence parallelism (FSDP, or settle_partial_grads,
-    # sums it over tp), Replicate without (every rank saw every token).
-    from torch.distributed.tensor import DTensor
+def _norm_parallel(norm: nn.Module, tp_mesh, layout) -> None:
+    """RMSNorm on DTensors: its weight a Replicate DTensor, every tensor input (x, and the
+    residual of the fused add, positional or keyword) laid out as ``layout`` (Shard(1) under
+    sequence parallelism, else Replicate), its outputs handed on as local tensors.
 
-    if isinstance(x, DTensor):
-        x = x.to_local()
-    if isinstance(residual, DTensor):
-        residual = residual.to_local()
-    w = self.weight.to_local(grad_placements=self._tp_grad_placements)
-    return mk.rms_norm(x, w, self.eps, residual=residual, backend=self.backend)
+    The module's own forward runs unchanged; the op's sharding rule (meditron_kernels.
+    distributed) makes the weight's gradient Partial under sequence parallelism (each rank
+    saw its slice of the sequence), summed over tp by FSDP or by settle_partial_grads."""
+    from torch.distributed.tensor import DTensor, distribute_module
 
+    def as_dtensor(t):
+        if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
+            return DTensor.from_local(t, tp_mesh, (layout,), run_check=False)
+        return t
 
-def _tp_norm(norm: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
-    from torch.distributed.tensor import Partial, Replicate, distribute_module
-    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+    def inputs(module, args, kwargs):
+        return tuple(as_dtensor(a) for a in args), {k: as_dtensor(v) for k, v in kwargs.items()}
 
-    if sequence_parallel:
-        parallelize_module(norm, tp_mesh, SequenceParallel())
-        norm._tp_grad_placements = (Partial(),)
-    else:
-        distribute_module(norm, tp_mesh)  # weight as a Replicate DTensor: one kind of parameter
-        norm._tp_grad_placements = (Replicate(),)
-    norm.forward = types.MethodType(_norm_forward, norm)
+    def outputs(module, args, kwargs, out):
+        return tuple(o.to_local() for o in out) if isinstance(out, tuple) else out.to_local()
+
+    distribute_module(norm, tp_mesh)
+    norm.register_forward_pre_hook(inputs, with_kwargs=True)
+    norm.register_forward_hook(outputs, with_kwargs=True)
 
 
 def _replicated_kv(linear: nn.Linear, tp_mesh, lo: int, hi: int) -> None:
@@ -243,6 +240,7 @@ def _replicated_kv(linear: nn.Linear, tp_mesh, lo: int, hi: int) -> None:
 
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     """Megatron-style tensor (and sequence) parallelism of a Llama stage over ``tp_mesh``."""
+    import meditron_kernels.distributed  # noqa: F401  (our ops' sharding rules, for the norms)
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    parallelize_module)
@@ -260,7 +258,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     if top:
         parallelize_module(model, tp_mesh, top)
     if model.norm is not None:
-        _tp_norm(model.norm, tp_mesh, sequence_parallel)
+        _norm_parallel(model.norm, tp_mesh, stream)
 
     kv = kv_layout(cfg.n_heads, cfg.n_kv_heads, tp)
     tp_rank = tp_mesh.get_local_rank()
@@ -287,8 +285,8 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
             hd = cfg.head_dim
             _replicated_kv(block.attention.wk, tp_mesh, head * hd, (head + 1) * hd)
             _replicated_kv(block.attention.wv, tp_mesh, head * hd, (head + 1) * hd)
-        _tp_norm(block.attention_norm, tp_mesh, sequence_parallel)
-        _tp_norm(block.ffn_norm, tp_mesh, sequence_parallel)
+        _norm_parallel(block.attention_norm, tp_mesh, stream)
+        _norm_parallel(block.ffn_norm, tp_mesh, stream)
 
 
 # ------------------------------------------------------------------------ initialisation
@@ -407,9 +405,10 @@ def apply_data_parallel(part: nn.Module, layout: Layout, dtype: str, pipelined: 
     reshard = not pipelined
     for block in part.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    # The root's parameters (embedding, norm, head) stay gathered after its forward, so the
-    # loss can read the head's weight after the forward returns the hidden states.
-    fully_shard(part, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    # The root's own parameters (embedding, norm, head) stay gathered from its forward to its
+    # backward, as FSDP does for a root by default: the loss (train/loss.py) reads the head's
+    # weight after the forward has returned the hidden states.
+    fully_shard(part, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
 
 
 # ------------------------------------------------------------------------ packed documents
