@@ -204,8 +204,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             here = (local >= 0) & (local < vocab)
             safe_t = torch.where(here, local, torch.zeros_like(local))
             picked = torch.where(here, logits.gather(1, safe_t[:, None])[:, 0], 0.0)
-            m = logits.amax(dim=-1)
-            s = torch.exp(logits - m[:, None]).sum(dim=-1)
+            m_here = logits.amax(dim=-1)
+            shift = torch.where(m_here == float("-inf"), 0.0, m_here)  # a masked slice adds 0, not NaN
+            e = logits.sub_(shift[:, None]).exp_()  # in place: one chunk of logits at a time, no copies
+            m, s = m_here, e.sum(dim=-1)
             if group is not None:
                 stats = torch.stack([m, s, picked])
                 pieces = [torch.empty_like(stats) for _ in range(tp)]
@@ -218,14 +220,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             row = torch.where(in_range, (m - picked) + torch.log(s), float("nan"))
             loss = loss + torch.where(ok, row, torch.zeros_like(row)).sum()
             if need_grad:
-                g = torch.exp(logits - m[:, None]) / s[:, None]
-                g = g - F.one_hot(safe_t, vocab).to(g.dtype) * here[:, None]
-                g = (g * (ok.to(g.dtype) / n_valid)[:, None]).to(hidden.dtype)
+                g = e.mul_((torch.exp(shift - m) / s)[:, None])  # the softmax over the whole vocabulary
+                g.scatter_add_(1, safe_t[:, None], -here.to(g.dtype)[:, None])
+                g = g.mul_((ok.to(g.dtype) / n_valid)[:, None]).to(hidden.dtype)
                 if dhidden is not None:
                     dhidden[start:start + chunk_size] = g @ weight
                 if dweight is not None:
                     dweight += g.t() @ h
-            del logits
+            del logits, e
         if group is not None and dhidden is not None:
             dist.all_reduce(dhidden, group=group)
             dhidden = dhidden.to(hidden.dtype)
