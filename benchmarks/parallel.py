@@ -79,19 +79,19 @@ def _memory_worker(rank, world, port, configs, seq, dim, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     group = dist.group.WORLD if world > 1 else None
-    rows = []
-    for vocab, mb, path in configs:
+
+    def make(vocab, mb, n, path):
         torch.manual_seed(0)
-        h = torch.randn(mb, seq, dim, requires_grad=True)
+        h = torch.randn(mb, n, dim, requires_grad=True)
         w = (torch.randn(vocab // world, dim) / dim ** 0.5).requires_grad_()
-        t = torch.randint(0, vocab, (mb, seq))
+        t = torch.randint(0, vocab, (mb, n))
 
         def step():
             if path == "fused":
                 loss = mk.fused_linear_cross_entropy(h, w, t, process_group=group, backend="torch")
                 loss.backward()
                 return
-            logits = h @ w.t()  # (mb, seq, vocab / tp)
+            logits = h @ w.t()  # (mb, n, vocab / tp)
             if world == 1:
                 F.cross_entropy(logits.flatten(0, 1), t.flatten(0, 1)).backward()
                 return
@@ -99,11 +99,17 @@ def _memory_worker(rank, world, port, configs, seq, dim, out_dir):
                 dt = DTensor.from_local(logits, mesh, (Shard(2),), run_check=False)
                 F.cross_entropy(dt.flatten(0, 1), t.flatten(0, 1)).backward()
 
-        step()  # warm-up: first-call allocations (gloo buffers, kernels) are not the step's
-        h.grad = w.grad = None
-        peak = _peak_bytes(step)
+        return step
+
+    # warm-up at a small size: first-call allocations (gloo buffers, profiler) are not the step's
+    for path in ("fused", "logits"):
+        make(512 * world, 1, 128, path)()
+    rows = []
+    for vocab, mb, path in configs:
+        peak = _peak_bytes(make(vocab, mb, seq, path))
         rows.append(peak)
-        h.grad = w.grad = None
+        if rank == 0:
+            print(f"tp {world} vocab {vocab} micro batch {mb} {path}: rank 0 peak {peak / 2**20:.0f} MiB", flush=True)
     torch.save(rows, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
