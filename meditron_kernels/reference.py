@@ -227,7 +227,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     dhidden[start:start + chunk_size] = g @ weight
                 if dweight is not None:
                     dweight += g.t() @ h
-            del logits, e
+            logits = e = g = None  # free this chunk before the next one's GEMM
         if group is not None and dhidden is not None:
             dist.all_reduce(dhidden, group=group)
             dhidden = dhidden.to(hidden.dtype)
