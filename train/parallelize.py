@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import meditron_kernels as mk
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
