@@ -1433,9 +1433,9 @@ def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, m
             O=o, DO=do, LSE=lse, DLSE=dlse if dlse is not None else lse, DELTA=delta, STATS=stats,
             CU=P.cu if packed else lse, CU_ST=cu_st if packed else lse, stride_ob=bo[0], stride_os=bo[1],
             stride_oh=bo[2], stride_dob=bdo[0], stride_dos=bdo[1], stride_doh=bdo[2], **P.lse_strides(lse),
-            stride_sb=stats.stride(0), stride_st=stats.stride(1), seqlen_q=P.seqlen_q, n_heads=P.n_heads, n_batch=P.n_batch,
-            HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim), BLOCK_M=block, PACKED=packed, HAS_DLSE=dlse is not None,
-            num_warps=4, num_stages=2)
+            stride_sb=stats.stride(0), stride_st=stats.stride(1), seqlen_q=P.seqlen_q, n_heads=P.n_heads,
+            n_batch=P.n_batch, HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim), BLOCK_M=block, PACKED=packed,
+            HAS_DLSE=dlse is not None, num_warps=4, num_stages=2)
 
     def run_dq(cfg: Config):
         if cfg.warp_spec:
