@@ -145,7 +145,8 @@ def pinned(name: str, call, d: int, dtype) -> Provider:
             return "no such warp-specialized candidate here (sm_90, bf16/fp16, head_dim 64 or 128)"
         return None
 
-    tiles = {k: (c.block_m, c.block_n, c.num_warps, c.num_stages) for k, c in _pinned_configs(name, 90, dtype, d).items()}
+    tiles = {k: (c.block_m, c.block_n, c.num_warps, c.num_stages)
+             for k, c in _pinned_configs(name, 90, dtype, d).items()}
     return Provider(name, run, why_not=why_not, timed_on_cpu=False,
                     note=f"sm_90 (block_m, block_n, warps, stages): {tiles}" if name != "triton-default" else "")
 
