@@ -1076,11 +1076,13 @@ def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor)
     return True
 
 
-def warp_spec_ok(tma: bool, rotary: bool, *all_heads: torch.Tensor) -> bool:
+def warp_spec_ok(tma: bool, rotary: bool, *all_heads: torch.Tensor, var_k: bool = False) -> bool:
     """Whether a call can take the warp-specialized configurations: every tile through TMA (rotary
     tables come through pointers), and for ``all_heads`` (q and do of the dk/dv kernel, read through one
-    descriptor spanning a token's heads) the heads of a token side by side."""
-    return tma and not rotary and all(t.stride(-2) == t.shape[-1] for t in all_heads)
+    descriptor spanning a token's heads) the heads of a token side by side. Keys counted per sequence
+    (var_k, a KV cache) stay on the default kernels: that variant was never compiled specialized, and a
+    failing compile would abort the autotuner."""
+    return tma and not rotary and not var_k and all(t.stride(-2) == t.shape[-1] for t in all_heads)
 
 
 def _autotune_enabled(x: torch.Tensor) -> bool:
@@ -1330,7 +1332,8 @@ def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, co
         _attn_fwd[_grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads)](
             **_fwd_args(P, q, k, v, o, lse, cfg, flags), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma), run, warp_spec_ok(tma, cos is not None))
+    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma), run,
+               warp_spec_ok(tma, cos is not None, var_k=P.lens_k is not None))
     return o, lse
 
 
@@ -1414,8 +1417,8 @@ def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, m
     flags = _flags(q, cc, tma)
     delta = torch.empty_like(lse)
     qrot = torch.empty_like(dq) if cos is not None else dq  # the dq kernel writes q rotated for the dk/dv kernel
-    ws_dq = warp_spec_ok(tma, cos is not None)
-    ws_dkdv = warp_spec_ok(tma, cos is not None, q, do)
+    ws_dq = warp_spec_ok(tma, cos is not None, var_k=P.lens_k is not None)
+    ws_dkdv = warp_spec_ok(tma, cos is not None, q, do, var_k=P.lens_k is not None)
     stats = cu_st = None
     if ws_dq:  # (n_seq, 2 * n_heads, tokens): what _attn_bwd_stats writes for the warp-specialized kernels
         n_tok = P.seqlen_q
