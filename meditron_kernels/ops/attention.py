@@ -26,6 +26,11 @@ On sm_90 every q/k/v/do tile comes in through a TMA descriptor made in the kerne
 (document, head), whose bounds are the document's: rows past its end arrive as zeros, never as the
 next document. On sm_80, for fp32, and where a stride breaks TMA's 16-byte rule, the same kernels
 use masked pointer loads.
+
+WARP_SPEC (sm_90 candidates the autotuner may pick; docs/attention.md): the same kernels with their
+loop warp-specialized by Triton into a TMA producer and two MMA consumer warp groups. Within that
+pass's limits each kernel has one loop, every block masked, and the backward reads its statistics
+from a first pass, _attn_bwd_stats, through TMA.
 """
 from __future__ import annotations
 
