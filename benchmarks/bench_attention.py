@@ -140,7 +140,7 @@ def pinned(name: str, call, d: int, dtype) -> Provider:
 
     def why_not(device):
         if device.type != "cuda":
-            return "pins GPU tile configurations"
+            return "pins GPU tile configurations: needs a CUDA device"
         if not _pinned_configs(name, _cc_of(device), dtype, d):
             return "no such warp-specialized candidate here (sm_90, bf16/fp16, head_dim 64 or 128)"
         return None
