@@ -522,6 +522,7 @@ def test_warp_specialized_candidates_only_where_they_can_run():
     q = torch.randn(2, 8, 4, 64, dtype=torch.float16)
     assert A.warp_spec_ok(True, False, q) and not A.warp_spec_ok(True, True) and not A.warp_spec_ok(False, False)
     assert not A.warp_spec_ok(True, False, q.transpose(1, 2))  # a token's heads not side by side
+    assert not A.warp_spec_ok(True, False, var_k=True)  # a KV cache's per-sequence key counts
 
 
 def test_warp_specialized_static_report(static_reports):
