@@ -1013,9 +1013,9 @@ def candidates(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, r
     key = (kernel, 90 if cc >= 90 else 80, min(max(width, 64), 256), rotary)
     if head_dim != width and key in _TABLE_PADDED:
         return _TABLE_PADDED[key]
-    if warp_spec and cc == 90:
-        return _TABLE[key] + _TABLE_WS.get(key, [])
-    return _TABLE[key]
+    # (only Hopper: Blackwell's warp specialization is another compiler pass, never compiled here)
+    warp_spec = warp_spec and cc == 90
+    return [c for c in _TABLE[key] + _TABLE_WS.get(key, []) if warp_spec or not c.warp_spec]
 
 
 def default_config(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False) -> Config:

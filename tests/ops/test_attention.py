@@ -511,7 +511,8 @@ def test_warp_specialized_kernels_match_default(monkeypatch, case):
 def test_warp_specialized_candidates_only_where_they_can_run():
     ws = [c for c in A.candidates("fwd", 90, torch.bfloat16, 128, warp_spec=True) if c.warp_spec]
     assert ws and not any(c.warp_spec for c in A.candidates("fwd", 90, torch.bfloat16, 128))
-    assert not any(c.warp_spec for c in A.candidates("fwd", 80, torch.bfloat16, 128, warp_spec=True))
+    for cc in (80, 100):  # Ampere has none, Blackwell's is another compiler pass
+        assert not any(c.warp_spec for c in A.candidates("fwd", cc, torch.bfloat16, 128, warp_spec=True))
     for kernel in ("fwd", "dq", "dkdv"):  # today's defaults stay the defaults
         assert not A.candidates(kernel, 90, torch.bfloat16, 128, warp_spec=True)[0].warp_spec
     for (kernel, cc, d, rotary), cfgs in A._TABLE_WS.items():
