@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import meditron_kernels as mk
 from meditron_kernels import reference
+from meditron_kernels.ops import attention as A
 
 from . import providers as P
 from .common import Case, Cost, Provider, randn
@@ -96,6 +97,60 @@ def sdpa(name: str, causal: bool) -> Provider:
     return prov
 
 
+# Our Triton kernels with their tiles pinned, beside "triton" (which on a GPU autotunes among every
+# candidate, the warp-specialized ones included): "triton-default" runs today's defaults,
+# "triton-ws<i>" the i-th warp-specialized sm_90 candidate of every kernel (docs/attention.md).
+PINNED = ("triton-default", "triton-ws0", "triton-ws1")
+
+
+def _pinned_configs(name: str, cc: int | None, dtype, d: int) -> dict:
+    out = {}
+    for kernel in ("fwd", "dq", "dkdv"):
+        cands = A.candidates(kernel, cc, dtype, d, False, warp_spec=True)
+        if name == "triton-default":
+            out[kernel] = cands[0]
+        else:
+            ws = [c for c in cands if c.warp_spec]
+            i = int(name[len("triton-ws"):])
+            if i >= len(ws):
+                return {}
+            out[kernel] = ws[i]
+    return out
+
+
+def _cc_of(device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def pinned(name: str, call, d: int, dtype) -> Provider:
+    """``call`` with every attention kernel's configuration forced to ``name``'s (see PINNED)."""
+
+    def run(inputs):
+        configs = _pinned_configs(name, _cc_of(inputs["q"].device), inputs["q"].dtype, d)
+        saved = dict(A._FORCE_CONFIG)
+        A._FORCE_CONFIG.update(configs)
+        try:
+            return call(inputs, "triton")
+        finally:
+            A._FORCE_CONFIG.clear()
+            A._FORCE_CONFIG.update(saved)
+
+    def why_not(device):
+        if device.type != "cuda":
+            return "pins GPU tile configurations: needs a CUDA device"
+        if not _pinned_configs(name, _cc_of(device), dtype, d):
+            return "no such warp-specialized candidate here (sm_90, bf16/fp16, head_dim 64 or 128)"
+        return None
+
+    tiles = {k: (c.block_m, c.block_n, c.num_warps, c.num_stages)
+             for k, c in _pinned_configs(name, 90, dtype, d).items()}
+    return Provider(name, run, why_not=why_not, timed_on_cpu=False,
+                    note=f"sm_90 (block_m, block_n, warps, stages): {tiles}" if name != "triton-default" else "")
+
+
 def cases(size: str, dtype):
     out = []
     for label, b, s, h, hkv, d, causal in SHAPES[size]:
@@ -121,7 +176,8 @@ def cases(size: str, dtype):
             cost=lambda dr, b=b, s=s, h=h, hkv=hkv, d=d, causal=causal, e=dtype.itemsize: Cost(
                 bytes=bytes_moved(dr, b, s, h, hkv, d, e), flops=flops(dr, b, s, h, d, causal)),
             reference=ref,
-            providers=[P.ours(OP, "triton", call), P.ours(OP, "cuda", call), eager, comp,
+            providers=[P.ours(OP, "triton", call), *(pinned(n, call, d, dtype) for n in PINNED),
+                       P.ours(OP, "cuda", call), eager, comp,
                        *(sdpa(n, causal) for n in SDPA_BACKENDS)],
             check_bytes=_reference_bytes(b, s, h) * 1.5))
     return out

@@ -26,7 +26,8 @@ from meditron_kernels.backend import unavailable_reason
 
 from .common import Provider
 
-ALL = ("triton", "cuda", "torch", "torch.compile", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "liger")
+ALL = ("triton", "cuda", "torch", "torch.compile", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "liger",
+       "triton-default", "triton-ws0", "triton-ws1")  # the last three: attention only (bench_attention.PINNED)
 
 
 def ours(op: str, backend: str, call: Callable[[dict, str], Any], note: str = "") -> Provider:

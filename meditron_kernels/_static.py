@@ -156,12 +156,18 @@ def report(launch: Launch, cc: int) -> dict[str, Any]:
     registers = _registers(cubin)
     frame, stores, loads = _ptxas_spills(ck.asm["ptx"], cc)
     shared = int(ck.metadata.shared)
+    # Warp specialization adds warps (num_warps 4 -> 12 on sm_90) and moves registers between them
+    # with setmaxnreg; the block's size is what the compiler launched.
+    warps = int(getattr(ck.metadata, "num_warps", launch.num_warps))
+    sass = _sass(cubin)
     rec = dict(kernel=launch.name, arch=f"sm_{cc}", registers=registers, spill_bytes=stores + loads,
                spill_stores=stores, spill_loads=loads, stack_bytes=frame, shared_bytes=shared,
                shared_limit=ARCH_LIMITS[cc]["smem_per_block"], num_warps=launch.num_warps,
-               num_stages=launch.num_stages)
-    rec.update(sass_facts(_sass(cubin)))
-    rec.update(occupancy(registers, shared, launch.num_warps, cc))
+               num_stages=launch.num_stages, launched_warps=warps,
+               setmaxnreg=sorted({int(x, 16) for x in re.findall(r"USETMAXREG\.\S+\s+(?:\S+,\s*)?0x([0-9a-f]+)",
+                                                                  sass)}))
+    rec.update(sass_facts(sass))
+    rec.update(occupancy(registers, shared, warps, cc))
     return rec
 
 

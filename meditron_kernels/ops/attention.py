@@ -34,6 +34,11 @@ On sm_90 every q/k/v/do tile comes in through a TMA descriptor made in the kerne
 (document, head), whose bounds are the document's: rows past its end arrive as zeros, never as the
 next document. On sm_80, for fp32, and where a stride breaks TMA's 16-byte rule, the same kernels
 use masked pointer loads (as the decoding kernels always do).
+
+WARP_SPEC (sm_90 candidates the autotuner may pick; docs/attention.md): the same kernels with their
+loop warp-specialized by Triton into a TMA producer and two MMA consumer warp groups. Within that
+pass's limits each kernel has one loop, every block masked, and the backward reads its statistics
+from a first pass, _attn_bwd_stats, through TMA.
 """
 from __future__ import annotations
 
@@ -237,6 +242,44 @@ def _mm(x, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
     return y
 
 
+@triton.jit
+def _stats_desc(STATS, bid, stride_sb, stride_st, n_rows, BLOCK: tl.constexpr, PACKED: tl.constexpr,
+                ROWS: tl.constexpr):
+    # TMA descriptor over n_rows rows (ROWS; else a 1-D one over the first row) of _attn_bwd_stats's
+    # output for sequence bid (the whole pack when PACKED), BLOCK tokens at a time.
+    base = STATS
+    if not PACKED:
+        base += bid.to(tl.int64) * stride_sb
+    if not ROWS:
+        desc = tl.make_tensor_descriptor(base, shape=[stride_st], strides=[1], block_shape=[BLOCK])
+    else:
+        desc = tl.make_tensor_descriptor(base, shape=[n_rows, stride_st], strides=[stride_st, 1],
+                                         block_shape=[1, BLOCK])
+    return desc
+
+
+@triton.jit
+def _stats_col(CU_ST, bid, PACKED: tl.constexpr):
+    # column of sequence bid's first token in STATS: 0, or PACKED its document's offset rounded to
+    # 16 bytes (a TMA box starts on a 16-byte boundary)
+    if PACKED:
+        col = tl.load(CU_ST + bid)
+    else:
+        col = bid * 0
+    return col
+
+
+@triton.jit
+def _load_stat(desc, row, col, ok, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    # BLOCK statistics of one row (ROWS: of a 2-D descriptor) from column col on; zero where not ok
+    # (past the document, where the buffer holds the next document's values or padding)
+    if ROWS:
+        x = tl.reshape(desc.load([row, col.to(tl.int32)]), [BLOCK])
+    else:
+        x = desc.load([col.to(tl.int32)])
+    return tl.where(ok, x, 0.0)
+
+
 # ---------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q1, q2, last_m, lo, hi, L, qk_scale,
@@ -244,11 +287,12 @@ def _fwd_blocks(acc, l_i, m_i, q1, q2, last_m, lo, hi, L, qk_scale,
                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
-                USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SCALE_NEG: tl.constexpr):
+                USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SCALE_NEG: tl.constexpr,
+                WARP_SPEC: tl.constexpr):
     # Key blocks [lo, hi) of the L keys in the online softmax; row r sees keys up to last_m[r] (CAUSAL).
     # Scores live in base 2 (qk_scale carries log2(e)).
     dtype = v_base.dtype.element_ty
-    for n0 in range(lo, hi, BLOCK_N):
+    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         rows_n = n0 + tl.arange(0, BLOCK_N)
         pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
         k1, k2 = _load_qk(k_base, k_desc, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
@@ -256,9 +300,12 @@ def _fwd_blocks(acc, l_i, m_i, q1, q2, last_m, lo, hi, L, qk_scale,
         qk = _dot_nt(q1, q2, k1, k2, ROTARY, PRECISION)
         # Key 0 of the sequence is visited first and is visible to every row, so m_new is finite.
         if MASK:
-            keep = rows_n[None, :] < L
-            if CAUSAL:
-                keep = keep & (rows_n[None, :] <= last_m[:, None])
+            if WARP_SPEC:  # last_m also bounds the sequence
+                keep = rows_n[None, :] <= last_m[:, None]
+            else:
+                keep = rows_n[None, :] < L
+                if CAUSAL:
+                    keep = keep & (rows_n[None, :] <= last_m[:, None])
             s = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
@@ -310,12 +357,14 @@ def _attn_fwd(
     DOT_F32: tl.constexpr,  # interpreter only: bf16 matmul operands upcast to fp32
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else unused
     SCALE_NEG: tl.constexpr,  # softmax_scale < 0: the row maximum of the scaled scores is the scaled minimum
+    WARP_SPEC: tl.constexpr,  # sm_90, USE_TMA, no ROTARY: the key loop warp-specialized (TMA producer, MMA consumers)
 ):
     head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
     start_q, Lq, start_k, Lk = _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED, VAR_K)
     m0 = blk * BLOCK_M
-    if m0 >= Lq:
-        return
+    if not WARP_SPEC:  # (a warp-specialized loop cannot follow an early return: its block is emptied below)
+        if m0 >= Lq:
+            return
     off = Lk - Lq  # bottom-right alignment: query row r is key row r + off, and (CAUSAL) sees keys 0 .. r + off
     kvh = head // group
     b64 = bid.to(tl.int64)
@@ -340,16 +389,30 @@ def _attn_fwd(
     else:
         full_end = (Lk // BLOCK_N) * BLOCK_N
         hi = Lk
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m + off, 0, full_end, Lk, qk_scale,
-                                k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                                start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                                BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA,
-                                DOT_F32, PRECISION, SCALE_NEG)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m + off, full_end, hi, Lk, qk_scale,
-                                k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                                start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                                BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
-                                DOT_F32, PRECISION, SCALE_NEG)
+    if WARP_SPEC:
+        # Triton's Hopper warp specialization takes one loop per kernel: every key block goes through
+        # the masked step, with the sequence end folded into each row's last key (one compare per
+        # score). Key 0 is visible to every row, so the maxima stay finite.
+        last = tl.zeros([BLOCK_M], tl.int32) + (Lk - 1)
+        if CAUSAL:
+            last = tl.minimum(rows_m + off, last)
+        hi = tl.where(m0 < Lq, hi, 0)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, last, 0, hi, Lk, qk_scale,
+                                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                    start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                    DOT_F32, PRECISION, SCALE_NEG, True)
+    else:
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m + off, 0, full_end, Lk, qk_scale,
+                                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                    start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                    DOT_F32, PRECISION, SCALE_NEG, False)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m + off, full_end, hi, Lk, qk_scale,
+                                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                    start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                    DOT_F32, PRECISION, SCALE_NEG, False)
     o = acc / l_i[:, None]
     o_base = O + b64 * stride_ob + start_q * stride_os + head.to(tl.int64) * stride_oh
     _store(o_base, rows_m, Lq, stride_os, o, HEAD_DIM, D_PAD)
@@ -364,9 +427,9 @@ def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, last_m, lo, hi, L, qk_scale,
                start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
-               USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+               USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
     dtype = v_base.dtype.element_ty
-    for n0 in range(lo, hi, BLOCK_N):
+    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         rows_n = n0 + tl.arange(0, BLOCK_N)
         pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
         k1, k2 = _load_qk(k_base, k_desc, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
@@ -374,9 +437,12 @@ def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, last_m, lo, hi, L, qk_scale,
         v = _load(v_base, v_desc, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, USE_TMA, DOT_F32)
         s = _dot_nt(q1, q2, k1, k2, ROTARY, PRECISION) * qk_scale
         if MASK:
-            keep = rows_n[None, :] < L
-            if CAUSAL:
-                keep = keep & (rows_n[None, :] <= last_m[:, None])
+            if WARP_SPEC:  # last_m also bounds the sequence
+                keep = rows_n[None, :] <= last_m[:, None]
+            else:
+                keep = rows_n[None, :] < L
+                if CAUSAL:
+                    keep = keep & (rows_n[None, :] <= last_m[:, None])
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -388,6 +454,47 @@ def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, last_m, lo, hi, L, qk_scale,
 
 
 @triton.jit
+def _attn_bwd_stats(
+    O, DO, LSE, DLSE,  # as in _attn_bwd_dq
+    DELTA,  # out: as in _attn_bwd_dq
+    STATS,  # out: (n_batch, 2 * n_heads, stride_st) fp32, or (1, ...) PACKED: row 2 h is head h's lse * log2(e),
+    #         row 2 h + 1 its delta, by token; rows padded to a multiple of 16 bytes for TMA
+    CU,  # as in _attn_fwd
+    CU_ST,  # PACKED: (n_docs,) int32 column of each document's first token in STATS, a multiple of 4
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh, stride_sb, stride_st,
+    seqlen_q, n_heads, n_batch,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    # The warp-specialized backward's first pass: its dq loop cannot take delta from a reduction in the
+    # same kernel, so delta (and the scaled lse) are written here for both kernels to read through TMA.
+    head, bid, blk = _tile_ids(n_heads, n_batch, False)
+    start_q, Lq = _doc_bounds(CU, bid, seqlen_q, PACKED)
+    m0 = blk * BLOCK_M
+    if m0 >= Lq:
+        return
+    b64 = bid.to(tl.int64)
+    h64 = head.to(tl.int64)
+    rows_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows_m < Lq
+    o_base = O + b64 * stride_ob + start_q * stride_os + h64 * stride_oh
+    do_base = DO + b64 * stride_dob + start_q * stride_dos + h64 * stride_doh
+    o = _load(o_base, o_base, m0, rows_m, Lq, stride_os, HEAD_DIM, D_PAD, False, False)
+    do = _load(do_base, do_base, m0, rows_m, Lq, stride_dos, HEAD_DIM, D_PAD, False, False)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    stat = b64 * stride_lb + h64 * stride_lh + start_q + rows_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + stat, mask=row_ok, other=0.0)
+    tl.store(DELTA + stat, delta, mask=row_ok)
+    row = STATS + 2 * h64 * stride_st + _stats_col(CU_ST, bid, PACKED) + rows_m
+    if not PACKED:
+        row += b64 * stride_sb
+    tl.store(row, tl.load(LSE + stat, mask=row_ok, other=0.0) * _LOG2E, mask=row_ok)
+    tl.store(row + stride_st, delta, mask=row_ok)
+
+
+@triton.jit
 def _attn_bwd_dq(
     Q, K, V, O, DO,  # forward inputs, output and its gradient (DO: unit stride along d)
     LSE,  # forward log-sum-exp
@@ -395,6 +502,7 @@ def _attn_bwd_dq(
     DELTA,  # out: rowsum(o * do) - dlse in fp32, LSE's layout, read by _attn_bwd_dkdv
     DQ,  # out: gradient of q, Q's shape, contiguous
     QROT,  # out (ROTARY only): the rotated queries, DQ's shape and strides, for _attn_bwd_dkdv
+    STATS, CU_ST,  # WARP_SPEC only: as in _attn_bwd_stats, which wrote them; read instead of LSE, DLSE, O
     CU, CU_K, LENS_K, COS, SIN, POS,  # as in _attn_fwd
     qk_scale,  # softmax_scale * log2(e)
     sm_scale,  # softmax_scale: the chain-rule factor of dq
@@ -405,18 +513,21 @@ def _attn_bwd_dq(
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,  # shared by LSE, DLSE and DELTA
+    stride_sb, stride_st,  # STATS strides of a sequence and of a row
     stride_rot, stride_pb, stride_ps,
     seqlen_q, seqlen_k, n_heads, n_batch, group,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr,
     HAS_POS: tl.constexpr, VAR_K: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    WARP_SPEC: tl.constexpr,  # as in _attn_fwd
 ):
     head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
     start_q, Lq, start_k, Lk = _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED, VAR_K)
     m0 = blk * BLOCK_M
-    if m0 >= Lq:
-        return
+    if not WARP_SPEC:  # as in _attn_fwd
+        if m0 >= Lq:
+            return
     off = Lk - Lq
     kvh = head // group
     b64 = bid.to(tl.int64)
@@ -429,21 +540,36 @@ def _attn_bwd_dq(
     rows_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows_m < Lq
 
-    do = _load(do_base, do_base, m0, rows_m, Lq, stride_dos, HEAD_DIM, D_PAD, False, False)
-    o = _load(o_base, o_base, m0, rows_m, Lq, stride_os, HEAD_DIM, D_PAD, False, False)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    stat = b64 * stride_lb + h64 * stride_lh + start_q + rows_m
-    if HAS_DLSE:
-        # d lse / d s = p: a log-sum-exp gradient enters every score's gradient as -dlse * p, exactly
-        # where -delta * p does
-        delta -= tl.load(DLSE + stat, mask=row_ok, other=0.0)
-    tl.store(DELTA + stat, delta, mask=row_ok)
-    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * _LOG2E
-    if DOT_F32:
-        do = do.to(tl.float32)
     pos_m = _positions(POS, bid, start_k, rows_m + off, Lk, stride_pb, stride_ps, HAS_POS)
-    q1, q2 = _load_qk(q_base, q_base, m0, rows_m, Lq, stride_qs, pos_m, COS, SIN, stride_rot,
-                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
+    if WARP_SPEC:
+        # Everything the loop reads comes through TMA (the statistics too): a warp-specialized loop
+        # takes no value from a pointer load or a reduction.
+        # (1-D descriptors: the consumers split the rows, and a [1, BLOCK_M] box would not split with them)
+        lse_desc = _stats_desc(STATS + 2 * h64 * stride_st, bid, stride_sb, stride_st, 1, BLOCK_M, PACKED, False)
+        delta_desc = _stats_desc(STATS + (2 * h64 + 1) * stride_st, bid, stride_sb, stride_st, 1, BLOCK_M, PACKED,
+                                 False)
+        col = _stats_col(CU_ST, bid, PACKED) + m0
+        lse2 = _load_stat(lse_desc, 0, col, row_ok, BLOCK_M, False)
+        delta = _load_stat(delta_desc, 0, col, row_ok, BLOCK_M, False)
+        do = _load(do_base, _make_desc(do_base, Lq, HEAD_DIM, stride_dos, BLOCK_M, D_PAD, True), m0, rows_m, Lq,
+                   stride_dos, HEAD_DIM, D_PAD, True, DOT_F32)
+        q1, q2 = _load_qk(q_base, _make_desc(q_base, Lq, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, True), m0, rows_m,
+                          Lq, stride_qs, pos_m, COS, SIN, stride_rot, HEAD_DIM, QK_PAD, ROTARY, True, DOT_F32)
+    else:
+        do = _load(do_base, do_base, m0, rows_m, Lq, stride_dos, HEAD_DIM, D_PAD, False, False)
+        o = _load(o_base, o_base, m0, rows_m, Lq, stride_os, HEAD_DIM, D_PAD, False, False)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        stat = b64 * stride_lb + h64 * stride_lh + start_q + rows_m
+        if HAS_DLSE:
+            # d lse / d s = p: a log-sum-exp gradient enters every score's gradient as -dlse * p, exactly
+            # where -delta * p does
+            delta -= tl.load(DLSE + stat, mask=row_ok, other=0.0)
+        tl.store(DELTA + stat, delta, mask=row_ok)
+        lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * _LOG2E
+        if DOT_F32:
+            do = do.to(tl.float32)
+        q1, q2 = _load_qk(q_base, q_base, m0, rows_m, Lq, stride_qs, pos_m, COS, SIN, stride_rot,
+                          HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
     dq_base = DQ + b64 * stride_dqb + start_q * stride_dqs + h64 * stride_dqh
     if ROTARY:
         # Rotated once here, so that the dk/dv kernel streams them instead of rotating each tile
@@ -465,16 +591,27 @@ def _attn_bwd_dq(
     else:
         full_end = (Lk // BLOCK_N) * BLOCK_N
         hi = Lk
-    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m + off, 0, full_end, Lk, qk_scale,
-                          k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                          start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                          BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
-                          PRECISION)
-    dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m + off, full_end, hi, Lk, qk_scale,
-                          k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                          start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                          BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
-                          PRECISION)
+    if WARP_SPEC:  # one masked loop, as in _attn_fwd
+        last = tl.zeros([BLOCK_M], tl.int32) + (Lk - 1)
+        if CAUSAL:
+            last = tl.minimum(rows_m + off, last)
+        hi = tl.where(m0 < Lq, hi, 0)
+        dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, last, 0, hi, Lk, qk_scale,
+                              k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                              start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                              BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                              PRECISION, True)
+    else:
+        dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m + off, 0, full_end, Lk, qk_scale,
+                              k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                              start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                              BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                              PRECISION, False)
+        dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m + off, full_end, hi, Lk, qk_scale,
+                              k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                              start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                              BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                              PRECISION, False)
     _store_qk_grad(dq_base, rows_m, Lq, stride_dqs, dq1 * sm_scale, dq2 * sm_scale, pos_m, COS, SIN, stride_rot,
                    HEAD_DIM, QK_PAD, ROTARY)
 
@@ -515,11 +652,43 @@ def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, lo, hi, L, qk_scale,
 
 
 @triton.jit
+def _dkdv_blocks_ws(dk, dv, k, v, rows_n, off, lo, n_blk, L, qk_scale, q_desc, do_desc, st_desc, head0, group,
+                    start, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    # _dkdv_blocks for WARP_SPEC: the group's query heads and their blocks [lo, L) in one loop (Triton's
+    # Hopper warp specialization takes one loop per kernel), every step masked; q and do tiles of head
+    # head0 + g sit at column (head0 + g) * HEAD_DIM of descriptors spanning every head of a token.
+    for it in tl.range(0, n_blk * group, warp_specialize=True):
+        g = it // n_blk
+        m0 = lo + (it % n_blk) * BLOCK_M
+        h = head0 + g
+        rows_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows_m < L
+        q = q_desc.load([m0, h * HEAD_DIM])
+        do = do_desc.load([m0, h * HEAD_DIM])
+        if DOT_F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = _load_stat(st_desc, 2 * h, start + m0, row_ok, BLOCK_M, True)
+        delta = _load_stat(st_desc, 2 * h + 1, start + m0, row_ok, BLOCK_M, True)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        if CAUSAL:
+            st = tl.where(rows_m[None, :] + off >= rows_n[:, None], st, float("-inf"))
+        pt = tl.math.exp2(st - lse2[None, :])
+        dv = tl.dot(_mm(pt, DTYPE, DOT_F32), do, dv, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = _mm(pt * (dpt - delta[None, :]), DTYPE, DOT_F32)
+        dk = tl.dot(dst, q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q,  # queries; with ROTARY, the rotated ones _attn_bwd_dq wrote (QROT)
     K, V, DO,  # forward keys and values, and the output gradient
     LSE, DELTA,  # forward log-sum-exp and _attn_bwd_dq's rowsum(o * do) - dlse, same layout
     DK, DV,  # out: gradients of k and v, K's shape, contiguous
+    STATS, CU_ST,  # WARP_SPEC only: as in _attn_bwd_dq, read instead of LSE and DELTA
     CU, CU_K, LENS_K, COS, SIN, POS,  # as in _attn_fwd
     qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh,
@@ -528,6 +697,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,  # shared by DK and DV (both contiguous, same shape)
     stride_lb, stride_lh,
+    stride_sb, stride_st,  # as in _attn_bwd_dq
     stride_rot, stride_pb, stride_ps,
     seqlen_q, seqlen_k, n_kv_heads, n_batch, group,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
@@ -535,23 +705,32 @@ def _attn_bwd_dkdv(
     BLOCK_N: tl.constexpr,  # key rows per program
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
     VAR_K: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    WARP_SPEC: tl.constexpr,  # as in _attn_fwd; also needs each token's heads side by side (stride_qh == HEAD_DIM)
 ):
     # Causal: the first key blocks carry the most work, and they come first in the flat grid.
     kvh, bid, blk = _tile_ids(n_kv_heads, n_batch, False)
     start_q, Lq, start_k, Lk = _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED, VAR_K)
     n0 = blk * BLOCK_N
-    if n0 >= Lk:
-        return
+    if not WARP_SPEC:  # as in _attn_fwd
+        if n0 >= Lk:
+            return
     off = Lk - Lq
     b64 = bid.to(tl.int64)
     rows_n = n0 + tl.arange(0, BLOCK_N)
     k_base = K + b64 * stride_kb + start_k * stride_ks + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + start_k * stride_vs + kvh.to(tl.int64) * stride_vh
     pos_n = _positions(POS, bid, start_k, rows_n, Lk, stride_pb, stride_ps, HAS_POS)
-    # the program's one key tile is rotated here (the query tiles it streams come rotated)
-    k1, k2 = _load_qk(k_base, k_base, n0, rows_n, Lk, stride_ks, pos_n, COS, SIN, stride_rot,
-                      HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
-    v = _load(v_base, v_base, n0, rows_n, Lk, stride_vs, HEAD_DIM, D_PAD, False, DOT_F32)
+    if WARP_SPEC:
+        k1 = _load(k_base, _make_desc(k_base, Lk, HEAD_DIM, stride_ks, BLOCK_N, QK_PAD, True), n0, rows_n, Lk,
+                   stride_ks, HEAD_DIM, QK_PAD, True, DOT_F32)
+        k2 = k1
+        v = _load(v_base, _make_desc(v_base, Lk, HEAD_DIM, stride_vs, BLOCK_N, D_PAD, True), n0, rows_n, Lk,
+                  stride_vs, HEAD_DIM, D_PAD, True, DOT_F32)
+    else:
+        # the program's one key tile is rotated here (the query tiles it streams come rotated)
+        k1, k2 = _load_qk(k_base, k_base, n0, rows_n, Lk, stride_ks, pos_n, COS, SIN, stride_rot,
+                          HEAD_DIM, QK_PAD, ROTARY, False, DOT_F32)
+        v = _load(v_base, v_base, n0, rows_n, Lk, stride_vs, HEAD_DIM, D_PAD, False, DOT_F32)
 
     dk1 = tl.zeros([BLOCK_N, QK_PAD], dtype=tl.float32)
     if ROTARY:
@@ -566,24 +745,38 @@ def _attn_bwd_dkdv(
     else:
         lo = 0
         mid = 0
-    for g in range(group):
-        h64 = (kvh * group + g).to(tl.int64)
-        q_base = Q + b64 * stride_qb + start_q * stride_qs + h64 * stride_qh
-        do_base = DO + b64 * stride_dob + start_q * stride_dos + h64 * stride_doh
-        lse_base = LSE + b64 * stride_lb + h64 * stride_lh + start_q
-        delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + start_q
-        q_desc = _make_desc(q_base, Lq, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
-        do_desc = _make_desc(do_base, Lq, HEAD_DIM, stride_dos, BLOCK_M, D_PAD, USE_TMA)
-        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, lo, mid, Lq, qk_scale,
-                                    q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
-                                    start_q, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                                    BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, True, ROTARY, HAS_POS, USE_TMA, DOT_F32,
-                                    PRECISION)
-        dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, mid, Lq, Lq, qk_scale,
-                                    q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
-                                    start_q, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                                    BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, False, ROTARY, HAS_POS, USE_TMA, DOT_F32,
-                                    PRECISION)
+    if WARP_SPEC:
+        n_heads = n_kv_heads * group
+        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + start_q * stride_qs, shape=[Lq, n_heads * HEAD_DIM],
+                                           strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        do_desc = tl.make_tensor_descriptor(DO + b64 * stride_dob + start_q * stride_dos,
+                                            shape=[Lq, n_heads * HEAD_DIM], strides=[stride_dos, 1],
+                                            block_shape=[BLOCK_M, HEAD_DIM])
+        st_desc = _stats_desc(STATS, bid, stride_sb, stride_st, 2 * n_heads, BLOCK_M, PACKED, True)
+        n_blk = tl.where(n0 < Lk, tl.cdiv(Lq - lo, BLOCK_M), 0)
+        dk1, dv = _dkdv_blocks_ws(dk1, dv, k1, v, rows_n, off, lo, n_blk, Lq, qk_scale, q_desc, do_desc, st_desc,
+                                  kvh * group, group, _stats_col(CU_ST, bid, PACKED), DK.dtype.element_ty, BLOCK_M,
+                                  HEAD_DIM, CAUSAL,
+                                  DOT_F32, PRECISION)
+    else:
+        for g in range(group):
+            h64 = (kvh * group + g).to(tl.int64)
+            q_base = Q + b64 * stride_qb + start_q * stride_qs + h64 * stride_qh
+            do_base = DO + b64 * stride_dob + start_q * stride_dos + h64 * stride_doh
+            lse_base = LSE + b64 * stride_lb + h64 * stride_lh + start_q
+            delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + start_q
+            q_desc = _make_desc(q_base, Lq, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
+            do_desc = _make_desc(do_base, Lq, HEAD_DIM, stride_dos, BLOCK_M, D_PAD, USE_TMA)
+            dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, lo, mid, Lq, qk_scale,
+                                        q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                                        start_q, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                        BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, True, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                        PRECISION)
+            dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, mid, Lq, Lq, qk_scale,
+                                        q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                                        start_q, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                        BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, False, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                        PRECISION)
     dk_base = DK + b64 * stride_dkb + start_k * stride_dks + kvh.to(tl.int64) * stride_dkh
     dv_base = DV + b64 * stride_dkb + start_k * stride_dks + kvh.to(tl.int64) * stride_dkh
     _store_qk_grad(dk_base, rows_n, Lk, stride_dks, dk1 * sm_scale, dk2 * sm_scale, pos_n, COS, SIN, stride_rot,
@@ -656,12 +849,12 @@ def _attn_decode(
                                 k_base, k_base, stride_ks, v_base, v_base, stride_vs,
                                 start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
                                 BLOCK_N, HEAD_DIM, D_PAD, D_PAD, False, CAUSAL, False, False, False,
-                                DOT_F32, PRECISION, SCALE_NEG)
+                                DOT_F32, PRECISION, SCALE_NEG, False)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q, i + off, full_end, hi, Lk, qk_scale,
                                 k_base, k_base, stride_ks, v_base, v_base, stride_vs,
                                 start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
                                 BLOCK_N, HEAD_DIM, D_PAD, D_PAD, True, CAUSAL, False, False, False,
-                                DOT_F32, PRECISION, SCALE_NEG)
+                                DOT_F32, PRECISION, SCALE_NEG, False)
     lse = tl.where(l_i > 0, (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * _LN2, float("-inf"))  # empty split
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
@@ -720,6 +913,7 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    warp_spec: bool = False
 
 
 def _d_pad(head_dim: int) -> int:
@@ -782,6 +976,19 @@ _TABLE = {
     ("dkdv", 80, 128, True): [_C(32, 32, 4, 2), _C(16, 64, 8, 2)],
     ("dkdv", 80, 256, True): [_C(16, 32, 8, 2), _C(16, 16, 4, 2)],
 }
+# Warp-specialized candidates (sm_90, TMA, no rotary; docs/attention.md): tried by the autotuner beside
+# the table above, never a default until a GPU measurement picks them. Triton splits a program into a
+# TMA producer warp group and two consumer warp groups that each own half of the rows (num_warps=4
+# becomes 12 warps; at 8 Triton does not specialize), so block_m / block_n = 128 gives each consumer
+# the 64-row wgmma tile of FlashAttention-3.
+_TABLE_WS = {
+    ("fwd", 90, 64, False): [_C(128, 128, 4, 3, True), _C(128, 128, 4, 2, True)],
+    ("fwd", 90, 128, False): [_C(128, 128, 4, 2, True), _C(128, 64, 4, 3, True)],
+    ("dq", 90, 64, False): [_C(128, 64, 4, 3, True), _C(128, 128, 4, 2, True)],
+    ("dq", 90, 128, False): [_C(128, 64, 4, 2, True), _C(128, 64, 4, 3, True)],
+    ("dkdv", 90, 64, False): [_C(64, 128, 4, 3, True), _C(32, 128, 4, 3, True)],
+    ("dkdv", 90, 128, False): [_C(64, 128, 4, 2, True), _C(32, 128, 4, 3, True)],
+}
 # Head dims that are not a power of two load through masked pointers rather than TMA; where that
 # costs registers, they get their own entry.
 _TABLE_PADDED = {
@@ -801,18 +1008,23 @@ _TABLE_F32 = {
 _INTERPRETER = {"fwd": Config(32, 16, 4, 1), "dq": Config(32, 16, 4, 1), "dkdv": Config(16, 32, 4, 1)}
 
 
-def candidates(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False) -> list[Config]:
+def candidates(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False,
+               warp_spec: bool = False) -> list[Config]:
     """The configurations of ``kernel`` ("fwd", "dq" or "dkdv"); the first is the default.
-    cc None: the interpreter."""
+    cc None: the interpreter. warp_spec: the call can take warp-specialized configurations
+    (see warp_spec_ok); without it they are left out."""
     if cc is None:
-        return [_INTERPRETER[kernel]]
+        cfg = _INTERPRETER[kernel]
+        return [cfg if warp_spec or not cfg.warp_spec else dataclasses.replace(cfg, warp_spec=False)]
     width = _d_pad(head_dim)
     if dtype == torch.float32:
         return [_TABLE_F32[(kernel, 128 if width <= 128 else 256)]]
     key = (kernel, 90 if cc >= 90 else 80, min(max(width, 64), 256), rotary)
     if head_dim != width and key in _TABLE_PADDED:
         return _TABLE_PADDED[key]
-    return _TABLE[key]
+    # (only Hopper: Blackwell's warp specialization is another compiler pass, never compiled here)
+    warp_spec = warp_spec and cc == 90
+    return [c for c in _TABLE[key] + _TABLE_WS.get(key, []) if warp_spec or not c.warp_spec]
 
 
 def default_config(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False) -> Config:
@@ -854,6 +1066,8 @@ def decode_splits(n_programs: int, seqlen_k: int, n_sm: int, min_split: int = DE
 
 # Tests flip this to run the descriptor path under the interpreter (which checks TMA's alignment rules).
 _INTERPRET_TMA = False
+# Benchmarks and tests: {kernel: Config} runs that candidate (when the call can take it) instead of tuning.
+_FORCE_CONFIG: dict[str, Config | None] = {}
 
 
 def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor) -> bool:
@@ -876,6 +1090,15 @@ def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor)
     return True
 
 
+def warp_spec_ok(tma: bool, rotary: bool, *all_heads: torch.Tensor, var_k: bool = False) -> bool:
+    """Whether a call can take the warp-specialized configurations: every tile through TMA (rotary
+    tables come through pointers), and for ``all_heads`` (q and do of the dk/dv kernel, read through one
+    descriptor spanning a token's heads) the heads of a token side by side. Keys counted per sequence
+    (var_k, a KV cache) stay on the default kernels: that variant was never compiled specialized, and a
+    failing compile would abort the autotuner."""
+    return tma and not rotary and not var_k and all(t.stride(-2) == t.shape[-1] for t in all_heads)
+
+
 def _autotune_enabled(x: torch.Tensor) -> bool:
     return (x.is_cuda and os.environ.get("MEDITRON_KERNELS_AUTOTUNE", "1") != "0"
             and not torch.cuda.is_current_stream_capturing())
@@ -884,12 +1107,15 @@ def _autotune_enabled(x: torch.Tensor) -> bool:
 _CHOSEN: dict[tuple, Config] = {}
 
 
-def _run_tuned(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, rotary: bool, key: tuple, run) -> None:
+def _run_tuned(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, rotary: bool, key: tuple, run,
+               warp_spec: bool = False) -> None:
     """run(config) with this call's configuration: on a GPU, the fastest candidate for ``key`` (head_dim
     and the sequence-length bucket among it), timed once per process; else the default. A candidate
     the part cannot hold (shared memory differs a little between Triton versions) yields to the next."""
-    cands = candidates(kernel, cc, x.dtype, head_dim, rotary)
-    key = (kernel, cc, x.dtype, head_dim, rotary) + key
+    cands = candidates(kernel, cc, x.dtype, head_dim, rotary, warp_spec)
+    if _FORCE_CONFIG.get(kernel) is not None:
+        cands = [c for c in cands if c == _FORCE_CONFIG[kernel]] or cands
+    key = (kernel, cc, x.dtype, head_dim, rotary, warp_spec, _FORCE_CONFIG.get(kernel)) + key
     cfg = _CHOSEN.get(key)
     if cfg is None:
         if len(cands) > 1 and _autotune_enabled(x):
@@ -1058,16 +1284,19 @@ def _fwd_args(P: _Problem, q, k, v, o, lse, cfg: Config, flags: dict) -> dict:
         stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
         stride_vb=bv[0], stride_vs=bv[1], stride_vh=bv[2], stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2],
         **P.lse_strides(lse), n_heads=P.n_heads, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SCALE_NEG=P.scale < 0,
-        **flags)
+        WARP_SPEC=cfg.warp_spec, **flags)
 
 
-def _bwd_args(P: _Problem, q, k, v, do, lse, delta, cfg: Config, flags: dict) -> dict:
+def _bwd_args(P: _Problem, q, k, v, do, lse, delta, cfg: Config, flags: dict, stats=None, cu_st=None) -> dict:
     bq, bk, bv, bdo = _bsh(q, P.packed), _bsh(k, P.packed), _bsh(v, P.packed), _bsh(do, P.packed)
+    st = stats if stats is not None else lse
     return dict(
-        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **P.common(q), qk_scale=P.scale * LOG2E, sm_scale=P.scale,
+        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, STATS=st, CU_ST=cu_st if cu_st is not None else lse,
+        stride_sb=st.stride(0) if stats is not None else 0,
+        stride_st=st.stride(1) if stats is not None else 0, **P.common(q), qk_scale=P.scale * LOG2E, sm_scale=P.scale,
         stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
         stride_vb=bv[0], stride_vs=bv[1], stride_vh=bv[2], stride_dob=bdo[0], stride_dos=bdo[1], stride_doh=bdo[2],
-        **P.lse_strides(lse), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
+        **P.lse_strides(lse), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, **flags)
 
 
 def _dq_extra(P: _Problem, o, dq, qrot, dlse, lse) -> dict:
@@ -1117,7 +1346,8 @@ def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, co
         _attn_fwd[_grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads)](
             **_fwd_args(P, q, k, v, o, lse, cfg, flags), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma), run)
+    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma), run,
+               warp_spec_ok(tma, cos is not None, var_k=P.lens_k is not None))
     return o, lse
 
 
@@ -1201,22 +1431,49 @@ def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, m
     flags = _flags(q, cc, tma)
     delta = torch.empty_like(lse)
     qrot = torch.empty_like(dq) if cos is not None else dq  # the dq kernel writes q rotated for the dk/dv kernel
+    ws_dq = warp_spec_ok(tma, cos is not None, var_k=P.lens_k is not None)
+    ws_dkdv = warp_spec_ok(tma, cos is not None, q, do, var_k=P.lens_k is not None)
+    stats = cu_st = None
+    if ws_dq:  # (n_seq, 2 * n_heads, tokens): what _attn_bwd_stats writes for the warp-specialized kernels
+        n_tok = P.seqlen_q
+        if packed:  # each document starts on a multiple of 4 columns
+            cu_st = torch.nn.functional.pad(torch.cumsum((P.cu[1:] - P.cu[:-1] + 3) // 4 * 4, 0), (1, 0))
+            cu_st, n_tok = cu_st.to(torch.int32), q.shape[0] + 3 * P.n_batch
+        stats = torch.empty(1 if packed else P.n_batch, 2 * P.n_heads, -(-n_tok // 4) * 4, dtype=torch.float32,
+                            device=q.device)
+    state = {"stats": False}  # whether stats holds this call's statistics
+
+    def run_stats():
+        bo, bdo = _bsh(o, packed), _bsh(do, packed)
+        block = 64
+        _attn_bwd_stats[_grid(P.seqlen_q, P.n_batch, block, P.n_heads)](
+            O=o, DO=do, LSE=lse, DLSE=dlse if dlse is not None else lse, DELTA=delta, STATS=stats,
+            CU=P.cu if packed else lse, CU_ST=cu_st if packed else lse, stride_ob=bo[0], stride_os=bo[1],
+            stride_oh=bo[2], stride_dob=bdo[0], stride_dos=bdo[1], stride_doh=bdo[2], **P.lse_strides(lse),
+            stride_sb=stats.stride(0), stride_st=stats.stride(1), seqlen_q=P.seqlen_q, n_heads=P.n_heads,
+            n_batch=P.n_batch, HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim), BLOCK_M=block, PACKED=packed,
+            HAS_DLSE=dlse is not None, num_warps=4, num_stages=2)
 
     def run_dq(cfg: Config):
+        if cfg.warp_spec:
+            run_stats()  # also writes delta, for a dk/dv kernel that is not warp-specialized
+        state["stats"] = cfg.warp_spec
         _attn_bwd_dq[_grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads)](
-            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), **_dq_extra(P, o, dq, qrot, dlse, lse),
+            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags, stats, cu_st), **_dq_extra(P, o, dq, qrot, dlse, lse),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def run_dkdv(cfg: Config):
+        if cfg.warp_spec and not state["stats"]:
+            run_stats()
         bdk = _bsh(dk, packed)
         _attn_bwd_dkdv[_grid(P.seqlen_k, P.n_batch, cfg.block_n, P.n_kv)](
-            **_bwd_args(P, qrot if cos is not None else q, k, v, do, lse, delta, cfg, flags), DK=dk, DV=dv,
-            stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv,
+            **_bwd_args(P, qrot if cos is not None else q, k, v, do, lse, delta, cfg, flags, stats, cu_st),
+            DK=dk, DV=dv, stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     key = _tune_key(P, tma)
-    _run_tuned("dq", cc, q, P.head_dim, cos is not None, key, run_dq)  # writes delta, read by run_dkdv
-    _run_tuned("dkdv", cc, q, P.head_dim, cos is not None, key, run_dkdv)
+    _run_tuned("dq", cc, q, P.head_dim, cos is not None, key, run_dq, ws_dq)  # writes delta, read by run_dkdv
+    _run_tuned("dkdv", cc, q, P.head_dim, cos is not None, key, run_dkdv, ws_dkdv)
     return dq, dk, dv
 
 
@@ -1310,28 +1567,53 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
 
 # ---------------------------------------------------------------------------- static report
 def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int, causal: bool = True,
-              rotary: bool = False) -> list[Launch]:
-    """The three launches of one batched call, configured as they run on ``arch`` (default configs).
-    Tensors live on the meta device: the compiler reads only their dtype and alignment."""
+              rotary: bool = False, configs: dict | None = None, prefix: str = "attention") -> list[Launch]:
+    """The three launches of one batched call, configured as they run on ``arch`` (default configs, or
+    ``configs`` {kernel: Config}: those kernels only). Tensors live on the meta device: the compiler
+    reads only their dtype and alignment."""
     meta = dict(dtype=dtype, device="meta")
     q, o, do = (torch.empty(b, s, h, d, **meta) for _ in range(3))
     k, v = torch.empty(b, s, hkv, d, **meta), torch.empty(b, s, hkv, d, **meta)
     lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
+    stats = torch.empty(b, 2 * h, -(-s // 4) * 4, dtype=torch.float32, device="meta")
     cos = sin = torch.empty(s, d // 2, dtype=torch.float32, device="meta") if rotary else None
     P = _Problem(False, b, s, s, h, hkv, d, causal, 1.0 / math.sqrt(d), None, None, None, cos, sin, None)
     flags = _flags(q, arch, use_tma(arch, d, rotary, q, k, v, do))
-    fwd, dq, kv = (default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv"))
-    return [
-        Launch(f"attention_fwd@sm_{arch}", _attn_fwd, _fwd_args(P, q, k, v, o, lse, fwd, flags),
-               fwd.num_warps, fwd.num_stages, _grid(s, b, fwd.block_m, h)),
-        Launch(f"attention_bwd_dq@sm_{arch}", _attn_bwd_dq,
-               dict(_bwd_args(P, q, k, v, do, lse, lse, dq, flags), **_dq_extra(P, o, q, do, None, lse)),
-               dq.num_warps, dq.num_stages, _grid(s, b, dq.block_m, h)),
-        Launch(f"attention_bwd_dkdv@sm_{arch}", _attn_bwd_dkdv,
-               dict(_bwd_args(P, q, k, v, do, lse, lse, kv, flags), DK=k, DV=v, stride_dkb=k.stride(0),
-                    stride_dks=k.stride(1), stride_dkh=k.stride(2), n_kv_heads=hkv),
-               kv.num_warps, kv.num_stages, _grid(s, b, kv.block_n, hkv)),
-    ]
+    if configs is None:
+        configs = {kernel: default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv")}
+    out = []
+    for kernel, cfg in configs.items():
+        tag = f"_{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}" if cfg.warp_spec else ""
+        name = f"{prefix}_{dict(fwd='fwd', dq='bwd_dq', dkdv='bwd_dkdv')[kernel]}{tag}@sm_{arch}"
+        if kernel == "fwd":
+            args, grid = _fwd_args(P, q, k, v, o, lse, cfg, flags), _grid(s, b, cfg.block_m, h)
+        elif kernel == "dq":
+            args = dict(_bwd_args(P, q, k, v, do, lse, lse, cfg, flags, stats), **_dq_extra(P, o, q, do, None, lse))
+            grid = _grid(s, b, cfg.block_m, h)
+        else:
+            args = dict(_bwd_args(P, q, k, v, do, lse, lse, cfg, flags, stats), DK=k, DV=v, stride_dkb=k.stride(0),
+                        stride_dks=k.stride(1), stride_dkh=k.stride(2), n_kv_heads=hkv)
+            grid = _grid(s, b, cfg.block_n, hkv)
+        out.append(Launch(name, {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}[kernel], args,
+                          cfg.num_warps, cfg.num_stages, grid))
+    return out
+
+
+def _ws_launches(dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -> list[Launch]:
+    """Every warp-specialized sm_90 candidate for head_dim d (named by its tile), and the statistics
+    pass the backward ones need."""
+    meta = dict(dtype=dtype, device="meta")
+    o, do = torch.empty(b, s, h, d, **meta), torch.empty(b, s, h, d, **meta)
+    lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
+    stats = torch.empty(b, 2 * h, -(-s // 4) * 4, dtype=torch.float32, device="meta")
+    out = [launch for kernel in ("fwd", "dq", "dkdv") for cfg in _TABLE_WS[(kernel, 90, d, False)]
+           for launch in _launches(90, dtype, b, s, h, hkv, d, configs={kernel: cfg}, prefix="attention_ws")]
+    stats_args = dict(O=o, DO=do, LSE=lse, DLSE=lse, DELTA=lse, STATS=stats, CU=lse, CU_ST=lse, stride_ob=o.stride(0),
+                      stride_os=o.stride(1), stride_oh=o.stride(2), stride_dob=do.stride(0), stride_dos=do.stride(1),
+                      stride_doh=do.stride(2), stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+                      stride_sb=stats.stride(0), stride_st=stats.stride(1), seqlen_q=s, n_heads=h, n_batch=b,
+                      HEAD_DIM=d, D_PAD=_d_pad(d), BLOCK_M=64, PACKED=False, HAS_DLSE=False)
+    return out + [Launch("attention_ws_bwd_stats@sm_90", _attn_bwd_stats, stats_args, 4, 2, _grid(s, b, 64, h))]
 
 
 def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -> list[Launch]:
@@ -1360,7 +1642,9 @@ def static_launches(cc: int | None = None) -> list[Launch]:
     """The forward and backward launches of a Llama-2-70B layer (bf16, 64 query and 8 kv heads,
     head_dim 128, seq 4096, batch 4, causal), then a decoding step of the same layer (batch 1 against
     a 4096-token cache, split over the keys), configured as they run on ``cc`` (80 or 90; None: both;
-    each launch's name ends in the architecture it is configured for)."""
+    each launch's name ends in the architecture it is configured for). On sm_90 also the warp-specialized
+    candidates of the same layer (named attention_ws_*)."""
     return [launch for arch in ((80, 90) if cc is None else (cc,))
             for launch in _launches(arch, torch.bfloat16, 4, 4096, 64, 8, 128)
-            + _decode_launches(arch, torch.bfloat16, 1, 4096, 64, 8, 128)]
+            + _decode_launches(arch, torch.bfloat16, 1, 4096, 64, 8, 128)
+            + (_ws_launches(torch.bfloat16, 4, 4096, 64, 8, 128) if arch == 90 else [])]

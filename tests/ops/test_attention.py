@@ -308,7 +308,7 @@ def static_reports():
 def test_static_report(static_reports, cc):
     """bf16, head_dim 128, 64/8 heads, seq 4096, batch 4, causal, with the run-time configs; then one
     decoding step against a 4096-token cache."""
-    reports = static_reports[cc]
+    reports = [r for r in static_reports[cc] if not r["kernel"].startswith("attention_ws_")]
     assert [r["kernel"].split("@")[0] for r in reports] == ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv",
                                                              "attention_decode", "attention_decode_reduce"]
     for r in reports:
@@ -470,3 +470,73 @@ def test_decode_return_lse_merges_splits(monkeypatch):
     o, lse = mk.flash_attention(q, k, v, return_lse=True, backend="triton")
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(2, dim=2)) / 32 ** 0.5
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- warp-specialized sm_90 candidates
+_WS_INTERPRETER = {"fwd": A.Config(32, 16, 4, 1, True), "dq": A.Config(32, 16, 4, 1, True),
+                   "dkdv": A.Config(16, 32, 4, 1, True)}
+
+
+@pytest.mark.parametrize("case", ["batched", "packed", "full"])
+def test_warp_specialized_kernels_match_default(monkeypatch, case):
+    # The interpreter ignores warp_specialize but runs everything else of those kernels: the forward's
+    # and dq's single masked loop, the statistics pass and its TMA reads, the dk/dv loop over every
+    # query head of a group through one descriptor. Same blocks, same order, same arithmetic (a mask
+    # that keeps everything changes no value): the results equal the default kernels' exactly.
+    monkeypatch.setattr(A, "_INTERPRET_TMA", True)
+    if case == "packed":
+        kw = dict(causal=True, cu_seqlens=_cu([13, 1, 40]), max_seqlen=40)
+        q, k, v = _inputs((54,), 4, 2, 32, torch.float16)
+    elif case == "batched":
+        kw = dict(causal=True)
+        q, k, v = _inputs((2, 37), 4, 2, 32, torch.float32)
+    else:
+        kw = dict(causal=False)
+        q, k, v = _inputs((2, 37), 4, 1, 64, torch.float16)
+    g = torch.randn(q.shape, dtype=torch.float64).to(q.dtype).double()
+    monkeypatch.setattr(A, "_CHOSEN", {})
+    o0, grads0 = _run("triton", q, k, v, g, **kw)
+    assert not any(c.warp_spec for c in A._CHOSEN.values())
+    monkeypatch.setattr(A, "_INTERPRETER", _WS_INTERPRETER)
+    monkeypatch.setattr(A, "_CHOSEN", {})
+    o1, grads1 = _run("triton", q, k, v, g, **kw)
+    assert sorted(key[0] for key, c in A._CHOSEN.items() if c.warp_spec) == ["dkdv", "dq", "fwd"]
+    assert torch.equal(o1, o0)
+    for a, b in zip(grads1, grads0):
+        assert torch.equal(a, b)
+    _check(q, k, v, **kw)  # and within the accuracy rule of the float64 reference
+
+
+def test_warp_specialized_candidates_only_where_they_can_run():
+    ws = [c for c in A.candidates("fwd", 90, torch.bfloat16, 128, warp_spec=True) if c.warp_spec]
+    assert ws and not any(c.warp_spec for c in A.candidates("fwd", 90, torch.bfloat16, 128))
+    for cc in (80, 100):  # Ampere has none, Blackwell's is another compiler pass
+        assert not any(c.warp_spec for c in A.candidates("fwd", cc, torch.bfloat16, 128, warp_spec=True))
+    for kernel in ("fwd", "dq", "dkdv"):  # today's defaults stay the defaults
+        assert not A.candidates(kernel, 90, torch.bfloat16, 128, warp_spec=True)[0].warp_spec
+    for (kernel, cc, d, rotary), cfgs in A._TABLE_WS.items():
+        assert cc == 90 and not rotary and (kernel, cc, d, rotary) in A._TABLE
+        for c in cfgs:  # Triton warp-specializes num_warps=4 programs only, into two consumer warp groups
+            assert c.warp_spec and c.num_warps == 4 and c not in A._TABLE[(kernel, cc, d, rotary)], c
+            assert kernel == "dkdv" or c.block_m % c.block_n == 0, c
+    q = torch.randn(2, 8, 4, 64, dtype=torch.float16)
+    assert A.warp_spec_ok(True, False, q) and not A.warp_spec_ok(True, True) and not A.warp_spec_ok(False, False)
+    assert not A.warp_spec_ok(True, False, q.transpose(1, 2))  # a token's heads not side by side
+    assert not A.warp_spec_ok(True, False, var_k=True)  # a KV cache's per-sequence key counts
+
+
+def test_warp_specialized_static_report(static_reports):
+    """Every warp-specialized candidate of the static report's layer (bf16, head_dim 128) compiles for
+    sm_90 into a TMA producer and MMA consumers: 12 warps, setmaxnreg, HGMMA, no spills."""
+    reports = {r["kernel"].split("@")[0]: r for r in static_reports[90] if r["kernel"].startswith("attention_ws_")}
+    names = {f"attention_ws_{dict(fwd='fwd', dq='bwd_dq', dkdv='bwd_dkdv')[key[0]]}_{c.block_m}x{c.block_n}_w4_"
+             f"s{c.num_stages}" for key, cfgs in A._TABLE_WS.items() if key[2] == 128 for c in cfgs}
+    assert set(reports) == names | {"attention_ws_bwd_stats"}
+    for name, r in reports.items():
+        assert r["spill_bytes"] == 0 and r["shared_bytes"] <= ARCH_LIMITS[90]["smem_per_block"], r
+        if name == "attention_ws_bwd_stats":
+            continue
+        assert r["mma"] == "HGMMA" and r["tma"], r
+        assert r["launched_warps"] == 12 and r["setmaxnreg"], r
+        assert min(r["setmaxnreg"]) < r["registers"] < max(r["setmaxnreg"]), r  # producer gives, consumers take
+
