@@ -413,6 +413,8 @@ def _attn_fwd(
                                     start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                                     BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
                                     DOT_F32, PRECISION, SCALE_NEG, False)
+    if WARP_SPEC:  # an emptied program (past its document's end) has l_i = 0 and stores nothing
+        l_i = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_i[:, None]
     o_base = O + b64 * stride_ob + start_q * stride_os + head.to(tl.int64) * stride_oh
     _store(o_base, rows_m, Lq, stride_os, o, HEAD_DIM, D_PAD)
