@@ -255,6 +255,31 @@ def extra_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None
     return (peak - base) / 1e6
 
 
+def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of the CPU allocator's live bytes above its level at the start, while fn runs: the
+    profiler's allocation events (frees are negative sizes) summed in time order. The CPU
+    allocator keeps no peak statistic of its own."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+
+    def walk(nodes):
+        for e in nodes:
+            if e.tag == _EventType.Allocation:
+                events.append((e.start_time_ns, e.extra_fields.alloc_size))
+            walk(e.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    live = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
 class Rotation:
     """Calls ``calls[0], calls[1], ...`` in turn: each timed call sees a different input set."""
 

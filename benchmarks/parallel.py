@@ -39,33 +39,12 @@ import tempfile
 
 import torch
 
+from benchmarks.common import cpu_peak_bytes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------- memory
-def _peak_bytes(fn) -> int:
-    """Peak of the CPU allocator's live bytes above its level at the start, while fn runs."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-
-    def walk(nodes):
-        for e in nodes:
-            if e.tag == _EventType.Allocation:
-                events.append((e.start_time_ns, e.extra_fields.alloc_size))
-            walk(e.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
-
-
 def _memory_worker(rank, world, port, configs, seq, dim, out_dir):
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -106,7 +85,7 @@ def _memory_worker(rank, world, port, configs, seq, dim, out_dir):
         make(512 * world, 1, 128, path)()
     rows = []
     for vocab, mb, path in configs:
-        peak = _peak_bytes(make(vocab, mb, seq, path))
+        peak = cpu_peak_bytes(make(vocab, mb, seq, path))
         rows.append(peak)
         if rank == 0:
             print(f"tp {world} vocab {vocab} micro batch {mb} {path}: rank 0 peak {peak / 2**20:.0f} MiB", flush=True)

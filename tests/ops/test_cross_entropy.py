@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import cpu_peak_bytes
 from meditron_kernels._static import module_reports
 import meditron_kernels as mk
 from meditron_kernels.ops import cross_entropy as ce
@@ -106,26 +105,6 @@ def test_logits_untouched_and_strided():
     assert torch.equal(loss_t, loss) and torch.equal(xt.grad, x.grad)
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of the CPU allocator's live bytes above its level at the start, while fn runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-
-    def walk(nodes):
-        for e in nodes:
-            if e.tag == _EventType.Allocation:
-                events.append((e.start_time_ns, e.extra_fields.alloc_size))
-            walk(e.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    live = peak = 0
-    for _, size in sorted(events, key=lambda e: e[0]):
-        live += size
-        peak = max(peak, live)
-    return peak
-
-
 def test_forward_allocates_no_logits_sized_buffer():
     # The forward keeps per-row statistics only; the one logits-sized buffer is the gradient,
     # allocated by the backward.
@@ -133,10 +112,10 @@ def test_forward_allocates_no_logits_sized_buffer():
     targets = _targets((64,), 1000)
     full = logits.numel() * logits.element_size()
     x = logits.clone().requires_grad_()
-    assert _peak_bytes(lambda: mk.cross_entropy(x, targets, backend="triton")) < full // 4
+    assert cpu_peak_bytes(lambda: mk.cross_entropy(x, targets, backend="triton")) < full // 4
     with torch.no_grad():
-        assert _peak_bytes(lambda: mk.cross_entropy(x, targets, backend="triton")) < full // 4
-    peak = _peak_bytes(lambda: mk.cross_entropy(x, targets, backend="triton").backward())
+        assert cpu_peak_bytes(lambda: mk.cross_entropy(x, targets, backend="triton")) < full // 4
+    peak = cpu_peak_bytes(lambda: mk.cross_entropy(x, targets, backend="triton").backward())
     assert full <= peak < full + full // 4
 
 
@@ -198,10 +177,10 @@ def test_fused_linear_peak_memory_below_full_logits():
         mk.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk, backend="triton").backward()
 
     # The measurement sees a full logits tensor when there is one...
-    assert _peak_bytes(unfused) >= full_logits
+    assert cpu_peak_bytes(unfused) >= full_logits
     # ...and the chunked op stays below it, gradients (dhidden, float32 dweight) included.
     hidden.grad = weight.grad = None
-    peak = _peak_bytes(fused)
+    peak = cpu_peak_bytes(fused)
     assert peak < full_logits, (peak, full_logits)
     # Precisely: one chunk of logits, dhidden and the float32 dweight, and their copies scaled
     # by the incoming gradient in the backward.
@@ -209,7 +188,7 @@ def test_fused_linear_peak_memory_below_full_logits():
     assert peak <= chunk * vocab * 4 + grads + n * 4 + 1024, peak
     # Without gradients only the chunk buffer and the per-token losses remain.
     with torch.no_grad():
-        peak = _peak_bytes(lambda: mk.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk,
+        peak = cpu_peak_bytes(lambda: mk.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk,
                                                                  backend="triton"))
     assert peak <= chunk * vocab * 4 + n * 4 + 1024, peak
 
