@@ -9,6 +9,7 @@ from meditron_kernels._static import module_reports
 from helpers import assert_close_rule
 from meditron_kernels import reference as R
 from meditron_kernels.ops import rms_norm as ops
+from meditron_kernels.ops._common import as_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -92,7 +93,7 @@ def test_strided_inputs_and_gradients(layout):
         base_x = torch.randn(2, 19, hidden + 24, dtype=torch.float16)
         base_r = torch.randn(2, 19, hidden + 40, dtype=torch.float16)
         x, r = base_x[..., :hidden], base_r[..., 8:8 + hidden]
-        assert ops._rows(x).data_ptr() == x.data_ptr()
+        assert as_rows(x).data_ptr() == x.data_ptr()
     else:
         # leading dims that cannot be merged into rows: copied once
         def prepare(t):
