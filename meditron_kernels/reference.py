@@ -202,8 +202,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
         b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         if rotary is not None:
             pos_k, pos_q = _rotary_positions(position_ids, b, sk, sq, seqlens_k, q.device)
-            q = _rotate(q, rotary[0][pos_q][:, :, None, :], rotary[1][pos_q][:, :, None, :], False)
-            k = _rotate(k, rotary[0][pos_k][:, :, None, :], rotary[1][pos_k][:, :, None, :], False)
+            cos_q, sin_q, cos_k, sin_k = (t[p][:, :, None, :] for p in (pos_q, pos_k) for t in rotary)
+            q, k = _rotate(q, cos_q, sin_q, cos_q, sin_q, False), _rotate(k, cos_k, sin_k, cos_k, sin_k, False)
         if seqlens_k is None:
             mask = _causal_mask(sq, sk, q.device) if causal else None
         else:
@@ -224,8 +224,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
             doc = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(q.shape[0], device=q.device), right=True)
             q_idx = cu_k.long()[doc + 1] - (cu_seqlens.long()[doc + 1] - torch.arange(q.shape[0], device=q.device))
             pos_q = pos_k[q_idx]
-            q = _rotate(q, rotary[0][pos_q][:, None, :], rotary[1][pos_q][:, None, :], False)
-            k = _rotate(k, rotary[0][pos_k][:, None, :], rotary[1][pos_k][:, None, :], False)
+            cos_q, sin_q, cos_k, sin_k = (t[p][:, None, :] for p in (pos_q, pos_k) for t in rotary)
+            q, k = _rotate(q, cos_q, sin_q, cos_q, sin_q, False), _rotate(k, cos_k, sin_k, cos_k, sin_k, False)
         if cu_seqlens_k is None or cu_seqlens_k is cu_seqlens or torch.equal(cu_seqlens_k, cu_seqlens):
             o, lse = _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
         else:
