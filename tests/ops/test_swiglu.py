@@ -6,7 +6,7 @@ import torch
 
 import meditron_kernels as mk
 from meditron_kernels._static import module_reports
-from helpers import assert_close_rule
+from helpers import assert_close_rule, assert_static_clean
 from meditron_kernels.ops import swiglu as ops
 from meditron_kernels.ops._common import as_rows
 
@@ -203,8 +203,5 @@ def static_reports():
 @pytest.mark.parametrize("name", [launch.name for launch in ops.static_launches()])
 def test_static_compile(static_reports, name, cc):
     rep = static_reports[f"{name}@{cc}"]
-    assert rep["spill_bytes"] == 0 and rep["stack_bytes"] == 0, rep
-    assert rep["shared_bytes"] <= rep["shared_limit"], rep
-    assert rep["blocks_per_sm"] >= 1, rep
     # ffn 28672 in bf16, both halves of the packed tensor 16-byte aligned: 128-bit loads throughout
-    assert rep["vector_load_bits"] == 128, rep
+    assert_static_clean(rep)
