@@ -37,7 +37,6 @@ use masked pointer loads (as the decoding kernels always do).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -50,15 +49,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 from triton.runtime.errors import OutOfResources
 
 from .. import _validate as V
-from .._static import Launch
 from ..backend import register
-from ._common import cast_rtne
+from ._common import Launch, cast_rtne, device_of, interpreting, unit_stride
 
 LOG2E = 1.4426950408889634
 # the same constants, visible inside kernels
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRETED = tl.constexpr(interpreting())  # fixed at import, as triton.jit fixes interpreting
 MAX_HEAD_DIM = 256
 
 
@@ -934,12 +932,6 @@ def _cc(x: torch.Tensor) -> int | None:
     return None
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    # Strided rows and heads (e.g. slices of a fused qkv projection) are read in place; only a
-    # non-unit stride along d costs one copy.
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _bsh(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
     """(sequence, token, head) strides in elements; a pack is one sequence axis, so its first is 0."""
     return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
@@ -1070,15 +1062,34 @@ def _bwd_args(P: _Problem, q, k, v, do, lse, delta, cfg: Config, flags: dict) ->
         **P.lse_strides(lse), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
 
 
-def _dq_extra(P: _Problem, o, dq, qrot, dlse, lse) -> dict:
-    bo, bdq = _bsh(o, P.packed), _bsh(dq, P.packed)
-    return dict(O=o, DQ=dq, QROT=qrot, DLSE=dlse if dlse is not None else lse, HAS_DLSE=dlse is not None,
-                stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
-                stride_dqh=bdq[2], n_heads=P.n_heads)
-
-
 def _grid(seqlen: int, n_batch: int, block: int, heads: int) -> tuple[int]:
     return (triton.cdiv(seqlen, block) * n_batch * heads,)
+
+
+# One launch builder per kernel, used by the run-time path and by static_launches() alike.
+def _fwd_launch(P: _Problem, q, k, v, o, lse, cfg: Config, flags: dict) -> Launch:
+    return Launch("attention_fwd", _attn_fwd, _fwd_args(P, q, k, v, o, lse, cfg, flags), cfg.num_warps,
+                  cfg.num_stages, _grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads))
+
+
+def _dq_launch(P: _Problem, q, k, v, o, do, lse, delta, dq, qrot, dlse, cfg: Config, flags: dict) -> Launch:
+    """delta (lse's layout) and qrot (q rotated, for the dk/dv kernel; dq itself without rotary) are written."""
+    bo, bdq = _bsh(o, P.packed), _bsh(dq, P.packed)
+    args = dict(_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), O=o, DQ=dq, QROT=qrot,
+                DLSE=dlse if dlse is not None else lse, HAS_DLSE=dlse is not None,
+                stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
+                stride_dqh=bdq[2], n_heads=P.n_heads)
+    return Launch("attention_bwd_dq", _attn_bwd_dq, args, cfg.num_warps, cfg.num_stages,
+                  _grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads))
+
+
+def _dkdv_launch(P: _Problem, q, k, v, do, lse, delta, dk, dv, cfg: Config, flags: dict) -> Launch:
+    """q: the rotated q the dq kernel wrote when rotary, else q itself; delta from the dq kernel."""
+    bdk = _bsh(dk, P.packed)
+    args = dict(_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), DK=dk, DV=dv,
+                stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv)
+    return Launch("attention_bwd_dkdv", _attn_bwd_dkdv, args, cfg.num_warps, cfg.num_stages,
+                  _grid(P.seqlen_k, P.n_batch, cfg.block_n, P.n_kv))
 
 
 def _lse_empty(q: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -1095,7 +1106,7 @@ def _tune_key(P: _Problem, tma: bool) -> tuple:
 def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
                       cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
     """-> o (q's shape), lse (fp32: (batch, n_heads, sq), or (n_heads, total_q) when packed)."""
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     packed = cu_seqlens is not None
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _lse_empty(q, packed)
@@ -1113,11 +1124,8 @@ def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, co
         _decode(P, q, k, v, o, lse, cc)
         return o, lse
 
-    def run(cfg: Config):
-        _attn_fwd[_grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads)](
-            **_fwd_args(P, q, k, v, o, lse, cfg, flags), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma), run)
+    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma),
+               lambda cfg: _fwd_launch(P, q, k, v, o, lse, cfg, flags).run())
     return o, lse
 
 
@@ -1132,11 +1140,12 @@ def _sm_count(x: torch.Tensor) -> int:
     return _INTERPRETER_DECODE[2]
 
 
-def _decode_args(P: _Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_splits: int, flags: dict) -> dict:
+def _decode_launch(P: _Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_splits: int,
+                   flags: dict) -> Launch:
     c = P.common(q)
     bq, bk, bv, bo = _bsh(q, P.packed), _bsh(k, P.packed), _bsh(v, P.packed), _bsh(o, P.packed)
     rows = (P.n_heads // P.n_kv) * P.seqlen_q
-    return dict(
+    args = dict(
         Q=q, K=k, V=v, O=o, LSE=lse, O_PART=o_part, LSE_PART=lse_part, CU=c["CU"], CU_K=c["CU_K"],
         LENS_K=c["LENS_K"], qk_scale=P.scale * LOG2E,
         stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
@@ -1146,14 +1155,17 @@ def _decode_args(P: _Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_
         BLOCK_M=max(cfg.block_m, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, CAUSAL=P.causal,
         PACKED=P.packed, VAR_K=P.lens_k is not None, SPLIT=n_splits > 1, DOT_F32=flags["DOT_F32"],
         PRECISION=flags["PRECISION"], SCALE_NEG=P.scale < 0)
+    return Launch("attention_decode", _attn_decode, args, cfg.num_warps, cfg.num_stages,
+                  (P.n_batch * P.n_kv * n_splits,))
 
 
-def _reduce_args(P: _Problem, o, lse, o_part, lse_part, n_splits: int) -> dict:
+def _reduce_launch(P: _Problem, o, lse, o_part, lse_part, n_splits: int) -> Launch:
     bo = _bsh(o, P.packed)
-    return dict(O_PART=o_part, LSE_PART=lse_part, O=o, LSE=lse, CU=P.cu if P.packed else lse,
+    args = dict(O_PART=o_part, LSE_PART=lse_part, O=o, LSE=lse, CU=P.cu if P.packed else lse,
                 stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], **P.lse_strides(lse), seqlen_q=P.seqlen_q,
                 n_heads=P.n_heads, n_batch=P.n_batch, n_splits=n_splits, HEAD_DIM=P.head_dim,
                 D_PAD=_d_pad(P.head_dim), SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), PACKED=P.packed)
+    return Launch("attention_decode_reduce", _attn_decode_reduce, args, 4, 1, (P.n_batch * P.n_heads * P.seqlen_q,))
 
 
 def _decode(P: _Problem, q, k, v, o, lse, cc: int | None) -> None:
@@ -1166,13 +1178,9 @@ def _decode(P: _Problem, q, k, v, o, lse, cc: int | None) -> None:
         o_part = torch.empty(P.n_batch, P.n_heads, n_splits, P.seqlen_q, P.head_dim, dtype=torch.float32,
                              device=q.device)
         lse_part = torch.empty(o_part.shape[:-1], dtype=torch.float32, device=q.device)
-    flags = _flags(q, cc, False)
-    _attn_decode[(P.n_batch * P.n_kv * n_splits,)](
-        **_decode_args(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, flags),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _decode_launch(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, cc, False)).run()
     if n_splits > 1:
-        _attn_decode_reduce[(P.n_batch * P.n_heads * P.seqlen_q,)](
-            **_reduce_args(P, o, lse, o_part, lse_part, n_splits), num_warps=4, num_stages=1)
+        _reduce_launch(P, o, lse, o_part, lse_part, n_splits).run()
 
 
 _FORCE_SPLITS = None  # tests: a fixed number of key splits for the decoding kernel
@@ -1181,8 +1189,7 @@ _FORCE_SPLITS = None  # tests: a fixed number of key splits for the decoding ker
 def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
                        dlse=None, cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
     """-> dq, dk, dv (contiguous, shaped like q, k, v)."""
-    q, k, v, o, do = (_unit_stride(t) for t in (q, k, v, o, do))
-    packed = cu_seqlens is not None
+    q, k, v, o, do = (unit_stride(t) for t in (q, k, v, o, do))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # rows of k past a sequence's seqlens_k are never visited: their gradient is zero
     new = torch.zeros if seqlens_k is not None else torch.empty
@@ -1202,30 +1209,16 @@ def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, m
     delta = torch.empty_like(lse)
     qrot = torch.empty_like(dq) if cos is not None else dq  # the dq kernel writes q rotated for the dk/dv kernel
 
-    def run_dq(cfg: Config):
-        _attn_bwd_dq[_grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads)](
-            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags), **_dq_extra(P, o, dq, qrot, dlse, lse),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    def run_dkdv(cfg: Config):
-        bdk = _bsh(dk, packed)
-        _attn_bwd_dkdv[_grid(P.seqlen_k, P.n_batch, cfg.block_n, P.n_kv)](
-            **_bwd_args(P, qrot if cos is not None else q, k, v, do, lse, delta, cfg, flags), DK=dk, DV=dv,
-            stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    key = _tune_key(P, tma)
-    _run_tuned("dq", cc, q, P.head_dim, cos is not None, key, run_dq)  # writes delta, read by run_dkdv
-    _run_tuned("dkdv", cc, q, P.head_dim, cos is not None, key, run_dkdv)
+    key, rotary = _tune_key(P, tma), cos is not None
+    # the dq kernel writes delta (and qrot), which the dk/dv kernel reads
+    _run_tuned("dq", cc, q, P.head_dim, rotary, key,
+               lambda cfg: _dq_launch(P, q, k, v, o, do, lse, delta, dq, qrot, dlse, cfg, flags).run())
+    _run_tuned("dkdv", cc, q, P.head_dim, rotary, key,
+               lambda cfg: _dkdv_launch(P, qrot if rotary else q, k, v, do, lse, delta, dk, dv, cfg, flags).run())
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------- torch.library registration
-def _on_device(x: torch.Tensor):
-    # Triton launches on the current device (and allocates descriptor scratch there): make it x's.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 @torch.library.custom_op("meditron_kernels::triton_flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
             cu_seqlens: Optional[torch.Tensor], max_seqlen: int, cos: Optional[torch.Tensor],
@@ -1233,7 +1226,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
             seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # max_seqlen(_k) 0: unknown, measured from the offsets inside (a host sync a traced graph must not see)
-    with _on_device(q):
+    with device_of(q.device):  # the descriptors' scratch is allocated there too
         return attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
                                  cu_seqlens_k, max_seqlen_k, seqlens_k)
 
@@ -1251,7 +1244,7 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             position_ids: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None,
             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
             seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _on_device(q):
+    with device_of(q.device):
         return attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin,
                                   position_ids, dlse, cu_seqlens_k, max_seqlen_k, seqlens_k)
 
@@ -1321,17 +1314,12 @@ def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d
     P = _Problem(False, b, s, s, h, hkv, d, causal, 1.0 / math.sqrt(d), None, None, None, cos, sin, None)
     flags = _flags(q, arch, use_tma(arch, d, rotary, q, k, v, do))
     fwd, dq, kv = (default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv"))
-    return [
-        Launch(f"attention_fwd@sm_{arch}", _attn_fwd, _fwd_args(P, q, k, v, o, lse, fwd, flags),
-               fwd.num_warps, fwd.num_stages, _grid(s, b, fwd.block_m, h)),
-        Launch(f"attention_bwd_dq@sm_{arch}", _attn_bwd_dq,
-               dict(_bwd_args(P, q, k, v, do, lse, lse, dq, flags), **_dq_extra(P, o, q, do, None, lse)),
-               dq.num_warps, dq.num_stages, _grid(s, b, dq.block_m, h)),
-        Launch(f"attention_bwd_dkdv@sm_{arch}", _attn_bwd_dkdv,
-               dict(_bwd_args(P, q, k, v, do, lse, lse, kv, flags), DK=k, DV=v, stride_dkb=k.stride(0),
-                    stride_dks=k.stride(1), stride_dkh=k.stride(2), n_kv_heads=hkv),
-               kv.num_warps, kv.num_stages, _grid(s, b, kv.block_n, hkv)),
-    ]
+    launches = [_fwd_launch(P, q, k, v, o, lse, fwd, flags),
+                _dq_launch(P, q, k, v, o, do, lse, lse, q, do, None, dq, flags),
+                _dkdv_launch(P, q, k, v, do, lse, lse, k, v, kv, flags)]
+    for launch in launches:
+        launch.name += f"@sm_{arch}"
+    return launches
 
 
 def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -> list[Launch]:
@@ -1347,13 +1335,11 @@ def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv:
     n_splits = decode_splits(b * hkv, s, 132)
     o_part = torch.empty(b, h, n_splits, 1, d, dtype=torch.float32, device="meta")
     lse_part = torch.empty(b, h, n_splits, 1, dtype=torch.float32, device="meta")
-    return [
-        Launch(f"attention_decode@sm_{arch}", _attn_decode,
-               _decode_args(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, arch, False)),
-               cfg.num_warps, cfg.num_stages, (b * hkv * n_splits,)),
-        Launch(f"attention_decode_reduce@sm_{arch}", _attn_decode_reduce,
-               _reduce_args(P, o, lse, o_part, lse_part, n_splits), 4, 1, (b * h,)),
-    ]
+    launches = [_decode_launch(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, arch, False)),
+                _reduce_launch(P, o, lse, o_part, lse_part, n_splits)]
+    for launch in launches:
+        launch.name += f"@sm_{arch}"
+    return launches
 
 
 def static_launches(cc: int | None = None) -> list[Launch]:
