@@ -263,12 +263,21 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                               ignore_index: int = -100, *, chunk_size: int | None = None,
+                               ignore_index: int = -100, *, chunk_size: int | None = None, process_group=None,
                                backend: str | None = None) -> torch.Tensor:
     """cross_entropy(hidden @ lm_head_weight.T, targets) without materialising all logits.
 
     hidden (..., dim); lm_head_weight (vocab, dim); targets (...) -> float32 scalar.
     Tokens go through in chunks of ``chunk_size`` (default: about the size of hidden in logits).
+
+    Vocabulary-parallel (Megatron's loss for a tensor-parallel head): with ``process_group``
+    (a torch.distributed ProcessGroup of tp ranks), every rank passes the same hidden and
+    targets and its own slice of the head, lm_head_weight (vocab / tp, dim), rank r holding
+    rows [r * vocab / tp, (r + 1) * vocab / tp) as a ColwiseParallel head does. Each rank
+    reduces its slice in chunks and the ranks exchange 3 floats per token (max, sum of
+    exponentials, target logit); no rank ever holds logits over the whole vocabulary. Every
+    rank returns the same loss over the whole vocabulary; hidden's gradient is the whole one
+    (summed over the group) and the weight's gradient is this rank's slice of it.
     """
     V.floating(hidden, "hidden")
     V.floating(lm_head_weight, "lm_head_weight")
@@ -281,8 +290,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tenso
     _check_targets(targets, hidden.shape[:-1], hidden, ignore_index)
     if chunk_size is not None:
         V.positive_int(chunk_size, "chunk_size")
+    V.process_group(process_group, "process_group")
     return dispatch("fused_linear_cross_entropy", backend, hidden.device)(
-        hidden, lm_head_weight, targets, ignore_index, chunk_size)
+        hidden, lm_head_weight, targets, ignore_index, chunk_size, process_group)
 
 
 # The Triton and CUDA implementations register on import; ops/__init__.py lists their modules.

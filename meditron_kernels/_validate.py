@@ -183,3 +183,13 @@ def rotary_position_ids(position_ids, q: torch.Tensor, n_positions: int) -> None
                          f"got {tuple(position_ids.shape)}")
     same_device(position_ids, "position_ids", q, "q")
     position_range(position_ids, n_positions)
+
+
+def process_group(v, name: str) -> None:
+    """None, or an initialised torch.distributed ProcessGroup this process belongs to."""
+    if v is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(v, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(v).__name__}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .backend import register
@@ -259,38 +260,62 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Chunked lm-head + cross-entropy: holds at most one chunk of logits at a time.
 
     The gradients are produced during the forward, chunk by chunk, while each chunk's
-    logits are live; the backward only scales them by the incoming gradient.
+    logits are live; the backward only scales them by the incoming gradient. With a process
+    group, ``weight`` is this rank's slice of the vocabulary (rank r holds rows
+    [r * vocab, (r + 1) * vocab)): each rank reduces its slice, the ranks exchange per-token
+    max, sum of exponentials and target logit, and dhidden is summed over the group.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, group):
         # hidden (n, dim), weight (vocab, dim), targets (n,)
         n = hidden.shape[0]
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid = targets != ignore_index
-        n_valid = valid.sum().to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        n_valid = valid.sum().to(acc)
         loss = hidden.new_zeros((), dtype=acc)
-        dhidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        vocab = weight.shape[0]
+        tp, start_v = (group.size(), group.rank() * vocab) if group is not None else (1, 0)
+        dh_dtype = acc if group is not None else hidden.dtype  # partial sums over ranks in float32
+        dhidden = torch.empty(hidden.shape, dtype=dh_dtype, device=hidden.device) if ctx.needs_input_grad[0] else None
         dweight = torch.zeros(weight.shape, dtype=_acc(weight[:0]).dtype, device=weight.device) if ctx.needs_input_grad[1] else None
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size]
             t = targets[start:start + chunk_size].long()
             ok = valid[start:start + chunk_size]
             logits = _acc(h @ weight.t())
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = torch.where(ok, t, torch.zeros_like(t))
-            picked = logits.gather(1, safe_t[:, None])[:, 0]
-            loss = loss + torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
+            local = t - start_v
+            here = (local >= 0) & (local < vocab)
+            safe_t = torch.where(here, local, torch.zeros_like(local))
+            picked = torch.where(here, logits.gather(1, safe_t[:, None])[:, 0], 0.0)
+            m_here = logits.amax(dim=-1)
+            shift = torch.where(m_here == float("-inf"), 0.0, m_here)  # a masked slice adds 0, not NaN
+            e = logits.sub_(shift[:, None]).exp_()  # in place: one chunk of logits at a time, no copies
+            m, s = m_here, e.sum(dim=-1)
+            if group is not None:
+                stats = torch.stack([m, s, picked])
+                pieces = [torch.empty_like(stats) for _ in range(tp)]
+                dist.all_gather(pieces, stats, group=group)
+                everyone = torch.stack(pieces)
+                m = everyone[:, 0].amax(0)
+                s = (everyone[:, 1] * torch.exp(everyone[:, 0] - m)).sum(0)
+                picked = everyone[:, 2].sum(0)
+            in_range = (t >= 0) & (t < vocab * tp)
+            row = torch.where(in_range, (m - picked) + torch.log(s), float("nan"))
+            loss = loss + torch.where(ok, row, torch.zeros_like(row)).sum()
             if need_grad:
-                g = torch.softmax(logits, dim=-1)
-                g.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
-                g = (g * (ok.to(g.dtype) / n_valid)[:, None]).to(hidden.dtype)
+                g = e.mul_((torch.exp(shift - m) / s)[:, None])  # the softmax over the whole vocabulary
+                g.scatter_add_(1, safe_t[:, None], -here.to(g.dtype)[:, None])
+                g = g.mul_((ok.to(g.dtype) / n_valid)[:, None]).to(hidden.dtype)
                 if dhidden is not None:
                     dhidden[start:start + chunk_size] = g @ weight
                 if dweight is not None:
                     dweight += g.t() @ h
-            del logits
+            logits = e = g = None  # free this chunk before the next one's GEMM
+        if group is not None and dhidden is not None:
+            dist.all_reduce(dhidden, group=group)
+            dhidden = dhidden.to(hidden.dtype)
         ctx.save_for_backward(dhidden, dweight)
         ctx.weight_dtype = weight.dtype
         return (loss / n_valid).float()
@@ -300,14 +325,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dhidden, dweight = ctx.saved_tensors
         dh = dhidden * grad_loss.to(dhidden.dtype) if dhidden is not None else None
         dw = (dweight * grad_loss).to(ctx.weight_dtype) if dweight is not None else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 @register("fused_linear_cross_entropy", "torch")
-def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_size=None):
-    """hidden (..., dim), weight (vocab, dim), targets (...) -> float32 scalar mean loss."""
+def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_size=None, process_group=None):
+    """hidden (..., dim), weight (vocab, dim) or this rank's vocabulary slice, targets (...)
+    -> float32 scalar mean loss over the whole vocabulary."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     if chunk_size is None:
         chunk_size = default_chunk_size(h.shape[0], h.shape[1], weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, t, ignore_index, chunk_size)
+    return _LinearCrossEntropy.apply(h, weight, t, ignore_index, chunk_size, process_group)

@@ -104,7 +104,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, position_ids=None, *, cache=None):
+    def forward(self, x, *, rope, cu_seqlens=None, max_seqlen=None, position_ids=None, cache=None):
         # x (batch, seq, dim). Head counts come from the weights' local shapes (-1), so the
         # same code runs on tensor-parallel shards holding a slice of the heads.
         b, s, _ = x.shape
@@ -134,10 +134,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, position_ids=None, *, cache=None):
+    def forward(self, x, *, rope, cu_seqlens=None, max_seqlen=None, position_ids=None, cache=None):
         # x (batch, seq, dim) is the residual stream; cache: a KVCache (inference)
-        a = self.attention(self.attention_norm(x), rope, cu_seqlens, max_seqlen, position_ids,
-                           cache=cache.layer(self.layer_id) if cache is not None else None)
+        a = self.attention(self.attention_norm(x), rope=rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                           position_ids=position_ids, cache=cache.layer(self.layer_id) if cache is not None else None)
         # h = x + a, y = rms_norm(h): one pass instead of two. Under autocast the attention output is
         # bf16 while the residual stream stays in its own dtype (float32): the add happens there.
         y, h = self.ffn_norm(a.to(x.dtype), residual=x)
@@ -281,21 +281,28 @@ class Llama(nn.Module):
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         rope = (self.rope_cos, self.rope_sin)
         for layer in self.layers.values():
-            h = layer(h, rope, cu_seqlens, max_seqlen, position_ids, cache=cache)
+            h = layer(h, rope=rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids,
+                      cache=cache)
         return self.norm(h) if self.norm is not None else h
 
-    def forward(self, tokens, *, cu_seqlens=None, max_seqlen=None, position_ids=None, cache=None):
-        """tokens (batch, seq) int64 -> logits (batch, seq, vocab)."""
+    def forward(self, tokens, *, cu_seqlens=None, max_seqlen=None, position_ids=None, cache=None,
+                return_hidden=False):
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
+
+        return_hidden=True stops before the head and returns the (batch, seq, dim) hidden states
+        it would read, for a loss that fuses the head (train/loss.py): a last pipeline stage
+        then never materialises the logits.
+        """
         h = self.hidden_states(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids,
                                cache=cache)
-        return self.output(h) if self.output is not None else h
+        return self.output(h) if self.output is not None and not return_hidden else h
 
     def loss(self, tokens, targets, *, ignore_index=-100, cu_seqlens=None, max_seqlen=None, position_ids=None):
         """Mean next-token cross-entropy, float32 scalar, without materialising all the logits.
 
         tokens (batch, seq) int64; targets (batch, seq) int64 with ignore_index where no loss is taken.
         """
-        h = self.hidden_states(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids)
+        h = self(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids, return_hidden=True)
         w = self.output.weight
         return mk.fused_linear_cross_entropy(h, w.to(h.dtype), targets, ignore_index=ignore_index)
 

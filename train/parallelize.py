@@ -14,11 +14,12 @@ Tensor parallelism follows Megatron's layout. wq/wk/wv/w1/w3 are column-parallel
 row-parallel, so the attention and SwiGLU ops see plain local tensors holding n_heads / tp heads
 (or ffn_dim / tp columns) and never gather anything. With sequence parallelism the residual
 stream between blocks is the local (batch, seq / tp, dim) slice, and the norms run our RMSNorm op
-on it; their weight is a Replicate DTensor whose gradient is labelled Partial (each rank saw
-only its slice of the sequence) and summed over tp by FSDP or by settle_partial_grads. The
-embedding is vocab-parallel and the head column-parallel over the vocabulary; the loss is
-torch's ``loss_parallel`` cross-entropy on the vocab-sharded logits, so the full logits never
-exist on one rank.
+on it as a Shard(1) DTensor through the op's registered sharding rule (meditron_kernels.
+distributed); their weight is a Replicate DTensor whose gradient comes out Partial (each rank
+saw only its slice of the sequence) and is summed over tp by FSDP or by settle_partial_grads. The
+embedding is vocab-parallel and the head column-parallel over the vocabulary; the loss
+(train/loss.py) runs the head and the cross-entropy as one vocabulary-parallel fused op, so no
+rank ever holds logits, not even its own vocabulary slice's for a whole micro batch.
 """
 from __future__ import annotations
 
@@ -27,13 +28,11 @@ import functools
 import inspect
 import math
 import os
-import types
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import meditron_kernels as mk
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -194,33 +193,30 @@ def kv_layout(n_heads: int, n_kv_heads: int, tp: int) -> str:
     return ""
 
 
-def _norm_forward(self, x, residual=None):
-    # Runs the RMSNorm op on local tensors, so no op needs a DTensor sharding rule whatever the
-    # backend. SequenceParallel's input hook hands x over as a Shard(1) DTensor; the residual
-    # stream arrives as the local slice. The weight's gradient is this rank's share of a sum
-    # over tokens: labelled Partial under sequence parallelism (FSDP, or settle_partial_grads,
-    # sums it over tp), Replicate without (every rank saw every token).
-    from torch.distributed.tensor import DTensor
+def _norm_parallel(norm: nn.Module, tp_mesh, layout) -> None:
+    """RMSNorm on DTensors: its weight a Replicate DTensor, every tensor input (x, and the
+    residual of the fused add, positional or keyword) laid out as ``layout`` (Shard(1) under
+    sequence parallelism, else Replicate), its outputs handed on as local tensors.
 
-    if isinstance(x, DTensor):
-        x = x.to_local()
-    if isinstance(residual, DTensor):
-        residual = residual.to_local()
-    w = self.weight.to_local(grad_placements=self._tp_grad_placements)
-    return mk.rms_norm(x, w, self.eps, residual=residual, backend=self.backend)
+    The module's own forward runs unchanged; the op's sharding rule (meditron_kernels.
+    distributed) makes the weight's gradient Partial under sequence parallelism (each rank
+    saw its slice of the sequence), summed over tp by FSDP or by settle_partial_grads."""
+    from torch.distributed.tensor import DTensor, distribute_module
 
+    def as_dtensor(t):
+        if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
+            return DTensor.from_local(t, tp_mesh, (layout,), run_check=False)
+        return t
 
-def _tp_norm(norm: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
-    from torch.distributed.tensor import Partial, Replicate, distribute_module
-    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+    def inputs(module, args, kwargs):
+        return tuple(as_dtensor(a) for a in args), {k: as_dtensor(v) for k, v in kwargs.items()}
 
-    if sequence_parallel:
-        parallelize_module(norm, tp_mesh, SequenceParallel())
-        norm._tp_grad_placements = (Partial(),)
-    else:
-        distribute_module(norm, tp_mesh)  # weight as a Replicate DTensor: one kind of parameter
-        norm._tp_grad_placements = (Replicate(),)
-    norm.forward = types.MethodType(_norm_forward, norm)
+    def outputs(module, args, kwargs, out):
+        return tuple(o.to_local() for o in out) if isinstance(out, tuple) else out.to_local()
+
+    distribute_module(norm, tp_mesh)
+    norm.register_forward_pre_hook(inputs, with_kwargs=True)
+    norm.register_forward_hook(outputs, with_kwargs=True)
 
 
 def _replicated_kv(linear: nn.Linear, tp_mesh, lo: int, hi: int) -> None:
@@ -243,6 +239,7 @@ def _replicated_kv(linear: nn.Linear, tp_mesh, lo: int, hi: int) -> None:
 
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     """Megatron-style tensor (and sequence) parallelism of a Llama stage over ``tp_mesh``."""
+    import meditron_kernels.distributed  # noqa: F401  (our ops' sharding rules, for the norms)
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    parallelize_module)
@@ -254,12 +251,13 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     if model.tok_embeddings is not None:
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
     if model.output is not None:
-        # vocab-sharded logits, returned as the local shard: the loss wraps them again
+        # The weight split over the vocabulary, which is all the fused loss reads; model(tokens)
+        # still gives this rank's logits slice.
         top["output"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=True)
     if top:
         parallelize_module(model, tp_mesh, top)
     if model.norm is not None:
-        _tp_norm(model.norm, tp_mesh, sequence_parallel)
+        _norm_parallel(model.norm, tp_mesh, stream)
 
     kv = kv_layout(cfg.n_heads, cfg.n_kv_heads, tp)
     tp_rank = tp_mesh.get_local_rank()
@@ -275,10 +273,9 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
             plan["attention.wk"] = ColwiseParallel()
             plan["attention.wv"] = ColwiseParallel()
         if sequence_parallel:
-            # all-gather the normed slice before the column-parallel matmuls
-            # (Attention.forward takes x, rope, cu_seqlens, max_seqlen, position_ids)
-            plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
-                                                   desired_input_layouts=(Replicate(), None, None, None, None))
+            # all-gather the normed slice before the column-parallel matmuls (x is the one
+            # positional input of both; the rest are keywords, left alone)
+            plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
             plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
         parallelize_module(block, tp_mesh, plan)
         if kv == "replicate":
@@ -287,19 +284,8 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
             hd = cfg.head_dim
             _replicated_kv(block.attention.wk, tp_mesh, head * hd, (head + 1) * hd)
             _replicated_kv(block.attention.wv, tp_mesh, head * hd, (head + 1) * hd)
-        _tp_norm(block.attention_norm, tp_mesh, sequence_parallel)
-        _tp_norm(block.ffn_norm, tp_mesh, sequence_parallel)
-
-
-def tp_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, tp_mesh, ignore_index: int = -100):
-    """Mean cross-entropy of vocab-sharded logits (batch, seq, vocab / tp) with torch's
-    loss_parallel: each rank reduces its vocabulary slice, and only per-token statistics are
-    exchanged. Call it, and run the backward, inside ``loss_parallel()``."""
-    import torch.nn.functional as F
-    from torch.distributed.tensor import DTensor, Shard
-
-    logits = DTensor.from_local(logits_local, tp_mesh, (Shard(2),), run_check=False)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=ignore_index)
+        _norm_parallel(block.attention_norm, tp_mesh, stream)
+        _norm_parallel(block.ffn_norm, tp_mesh, stream)
 
 
 # ------------------------------------------------------------------------ initialisation
@@ -408,7 +394,7 @@ def mixed_precision_policy(dtype: str):
 def apply_data_parallel(part: nn.Module, layout: Layout, dtype: str, pipelined: bool) -> None:
     """FSDP2 over dp (each block, then the stage root), or, without parallel.fsdp, FSDP2's
     hybrid mode with one-rank shards, i.e. whole parameters and all-reduced gradients."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     mesh = layout.mesh
     dp_mesh = mesh["dp"] if "dp_shard" not in mesh.mesh_dim_names else mesh["dp", "dp_shard"]
@@ -418,10 +404,10 @@ def apply_data_parallel(part: nn.Module, layout: Layout, dtype: str, pipelined: 
     reshard = not pipelined
     for block in part.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(part, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    # Llama.loss (the fused head + cross-entropy) is a second entry point next to forward:
-    # FSDP must gather the stage's own parameters (embedding, norm, head) around it too.
-    register_fsdp_forward_method(part, "loss")
+    # The root's own parameters (embedding, norm, head) stay gathered from its forward to its
+    # backward, as FSDP does for a root by default: the loss (train/loss.py) reads the head's
+    # weight after the forward has returned the hidden states.
+    fully_shard(part, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
 
 
 # ------------------------------------------------------------------------ packed documents
@@ -469,7 +455,8 @@ def build_schedule(parts: list[nn.Module], stage_ids: list[int], n_stages: int, 
 
     Stage input and output shapes are given up front (static mode): the stream between stages
     is (micro_batch, seq / tp under sequence parallelism, dim) in the activation dtype, and the
-    last stage returns its local logits (micro_batch, seq, vocab / tp).
+    last stage returns the hidden states the head reads, of the same shape: ``loss_fn`` fuses
+    the head with the loss (train/loss.py), so no stage materialises logits.
     """
     from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                               ScheduleInterleaved1F1B, ScheduleZBVZeroBubble)
@@ -485,12 +472,7 @@ def build_schedule(parts: list[nn.Module], stage_ids: list[int], n_stages: int, 
             inp = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
         else:
             inp = stream
-        if s == n_stages - 1:
-            out = torch.empty(micro_batch, seq_len, cfg.vocab_size // layout.tp, dtype=act_dtype, device="meta",
-                              requires_grad=True)
-        else:
-            out = stream
-        stages.append(PipelineStage(part, s, n_stages, device, input_args=(inp,), output_args=(out,), group=group))
+        stages.append(PipelineStage(part, s, n_stages, device, input_args=(inp,), output_args=(stream,), group=group))
     cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1f1b": ScheduleInterleaved1F1B,
            "zbv": ScheduleZBVZeroBubble}[name]
     if name in ("1f1b", "gpipe"):

@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from . import parallelize as par
 from .config import MODEL_SHAPE_KEYS, Config, ConfigError, validate, validate_parallel
 from .data import Blend, bundled_corpora, load_shard, make_batch
+from .loss import lm_loss
 from .metrics import device_peak_flops, memory_gb, mfu
 from .tokenizer import load_tokenizer
 
@@ -435,12 +436,6 @@ class MetricsWriter:
                     self.tb.add_scalar(k, v, row["step"])
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class Engine:
     """The model parts this rank holds and how to run a step over them."""
 
@@ -479,11 +474,6 @@ class Engine:
             self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
         else:
             self.autocast = contextlib.nullcontext
-        self.loss_ctx = contextlib.nullcontext
-        if self.tp_mesh is not None:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            self.loss_ctx = loss_parallel
         self.schedule = None
         if self.pipelined:
             if cfg.data.pack:
@@ -492,7 +482,7 @@ class Engine:
             act_dtype = torch.bfloat16 if t.dtype == "bfloat16-params" else torch.float32
             self.schedule = par.build_schedule(
                 self.parts, self.stage_ids, self.n_stages, layout, self.accum, t.micro_batch, t.seq_len,
-                act_dtype, self._pipeline_loss, device, p.pp_schedule)
+                act_dtype, self.loss, device, p.pp_schedule)
         # ZBV's eval() still schedules backward actions on forward-only stages and fails (torch
         # 2.13), and older torch has no eval(): there, validation runs the training schedule
         # and drops the gradients.
@@ -504,18 +494,18 @@ class Engine:
         self.loss_weight = (1.0 / layout.dp) if (self.has_last and layout.tp_rank == 0) else 0.0
 
     # -------------------------------------------------------------- losses
-    def _pipeline_loss(self, logits, targets):
-        if self.tp_mesh is not None:
-            return par.tp_cross_entropy(logits, targets, self.tp_mesh)
-        return mk.cross_entropy(logits, targets)
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of every layout (train/loss.py), from the last stage's hidden states; also
+        the pipeline schedule's loss_fn."""
+        # Read the head at each call: FSDP swaps the module's parameters between their sharded
+        # and gathered forms.
+        head = self.parts[self.stage_ids.index(self.n_stages - 1)].output.weight
+        return lm_loss(hidden, head, targets, tp_mesh=self.tp_mesh, sequence_parallel=self.layout.sequence_parallel)
 
     def micro_loss(self, batch: dict) -> torch.Tensor:
-        model = self.parts[0]
         with self.autocast():
-            if self.tp_mesh is not None:
-                logits = model(batch["tokens"], **model_inputs(batch))
-                return par.tp_cross_entropy(logits, batch["targets"], self.tp_mesh)
-            return model.loss(batch["tokens"], batch["targets"], **model_inputs(batch))
+            hidden = self.parts[0](batch["tokens"], return_hidden=True, **model_inputs(batch))
+            return self.loss(hidden, batch["targets"])
 
     # -------------------------------------------------------------- data
     def micro_batches(self, data: Blend, step: int) -> list[dict]:
@@ -532,7 +522,7 @@ class Engine:
     def _pipeline_inputs(self, micros: list[dict]):
         tokens = torch.cat([b["tokens"] for b in micros])
         targets = torch.cat([b["targets"] for b in micros])
-        kwargs = {}
+        kwargs = {"return_hidden": True}  # the last stage stops before the head: the loss fuses it
         if self.cfg.data.pack:
             L = self.cfg.training.seq_len
             kwargs["doc_positions"] = torch.cat(
@@ -548,24 +538,23 @@ class Engine:
         if self.pipelined:
             args, target, kwargs = self._pipeline_inputs(micros)
             losses: list[torch.Tensor] = []
-            with self.loss_ctx(), self.autocast():
+            with self.autocast():
                 par.schedule_step(self.schedule, *args, target=target,
                                   losses=losses if self.has_last else None, **kwargs)
             if not self.has_last:
                 return torch.zeros((), device=self.device)
-            return torch.stack([_local(x).detach().float() for x in losses]).mean()
+            return torch.stack([x.detach().float() for x in losses]).mean()
         loss_sum = torch.zeros((), device=self.device)
         root = self.parts[0]
         for micro, batch in enumerate(micros):
             if self.replicated_dp:  # all-reduce gradients once, after the last micro batch
                 root.set_requires_gradient_sync(micro == self.accum - 1)
             batch = to_device(batch, self.device)
-            with self.loss_ctx():
-                loss = self.micro_loss(batch)
-                if hooks.loss is not None:
-                    loss = hooks.loss(step, micro, loss)
-                (loss / self.accum).backward()
-            loss_sum += _local(loss).detach()
+            loss = self.micro_loss(batch)
+            if hooks.loss is not None:
+                loss = hooks.loss(step, micro, loss)
+            (loss / self.accum).backward()
+            loss_sum += loss.detach()
         return loss_sum / self.accum
 
     @torch.no_grad()
@@ -581,8 +570,7 @@ class Engine:
                 total = torch.zeros((), device=self.device)
                 for i in range(n):
                     batch = to_device(make_batch(val, i * t.micro_batch, t.micro_batch, self.cfg.data.pack), self.device)
-                    with self.loss_ctx():
-                        total += _local(self.micro_loss(batch)).float()
+                    total += self.micro_loss(batch).float()
                 return (total / n).item()
             groups = -(-n // self.accum)
             losses: list[torch.Tensor] = []
@@ -591,7 +579,7 @@ class Engine:
                           for i in range(self.accum)]
                 args, target, kwargs = self._pipeline_inputs(micros)
                 group: list[torch.Tensor] = []  # the schedule clears the list it is given
-                with self.loss_ctx(), self.autocast():
+                with self.autocast():
                     if self.forward_only_eval:
                         self.schedule.eval(*args, target=target, losses=group if self.has_last else None, **kwargs)
                     else:
@@ -601,7 +589,7 @@ class Engine:
                         for part in self.parts:
                             part.zero_grad(set_to_none=True)
                 losses += group
-            mean = (torch.stack([_local(x).float() for x in losses]).mean() if self.has_last
+            mean = (torch.stack([x.float() for x in losses]).mean() if self.has_last
                     else torch.zeros((), device=self.device))
             # the last stage's holder (tp rank 0, dp rank 0) speaks for everyone
             share = mean if (self.has_last and self.layout.tp_rank == 0 and self.layout.dp_rank == 0) else mean * 0

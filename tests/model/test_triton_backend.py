@@ -57,8 +57,8 @@ def test_block_compiles_fullgraph_and_matches_eager():
     cu = torch.tensor([0, 7, 19, 38], dtype=torch.int32)
 
     def step(x):
-        packed = block(x, rope, cu, 19)
-        plain = block(x, rope)
+        packed = block(x, rope=rope, cu_seqlens=cu, max_seqlen=19)
+        plain = block(x, rope=rope)
         return packed, plain
 
     with mk.use_backend("triton"):

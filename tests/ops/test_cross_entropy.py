@@ -214,6 +214,110 @@ def test_fused_linear_peak_memory_below_full_logits():
     assert peak <= chunk * vocab * 4 + n * 4 + 1024, peak
 
 
+# ---------------------------------------------------------------------------- large logits in float32
+# At |logits| ~ 50, lse = m + log(s) rounded to float32 is off by up to an ulp of m (4e-6),
+# and exp(x - lse) carried that relative error onto every probability: a gradient 10x less
+# accurate than torch's. atol=0: at this scale the default atol of 1e-6 would hide it.
+def test_cross_entropy_gradient_with_large_logits_float32():
+    logits = torch.randn(16, 4096) * 10
+    targets = torch.randint(0, 4096, (16,))
+    ours = _ce(logits, targets, IGNORE, "triton", torch.float32, 1.0)
+    plain = _ce(logits, targets, IGNORE, "torch", torch.float32, 1.0)
+    ref = _ce(logits, targets, IGNORE, "float64", None, 1.0)
+    assert_close_rule(ours[0], plain[0], ref[0], atol=1e-9, name="loss")
+    assert_close_rule(ours[1], plain[1], ref[1], factor=3.0, atol=0.0, name="dlogits")
+
+
+def test_fused_linear_gradient_with_large_logits_float32():
+    hidden = torch.randn(16, 64)
+    weight = torch.randn(4096, 64) * (10 / 8)  # logits ~ 10 x a unit normal
+    targets = torch.randint(0, 4096, (16,))
+    ours = _flce(hidden, weight, targets, None, "triton", torch.float32, 1.0)
+    plain = _flce(hidden, weight, targets, None, "torch", torch.float32, 1.0)
+    ref = _flce(hidden, weight, targets, None, "float64", torch.float64, 1.0)
+    # the float32 loss (~40 here) may be a rounding away from float64's: one ulp of atol
+    ulp = torch.finfo(torch.float32).eps * ref[0].abs().item()
+    assert_close_rule(ours[0], plain[0], ref[0], atol=ulp, name="loss")
+    for name, o, p, r in zip(("dhidden", "dweight"), ours[1:], plain[1:], ref[1:]):
+        assert_close_rule(o, p, r, factor=3.0, atol=1e-9, name=name)
+
+
+# ---------------------------------------------------------------------------- vocabulary-parallel
+def _vocab_parallel_worker(rank, world, port, cases, out_dir):
+    """Rank ``rank`` of a gloo group: each case's loss and gradients, whole and per slice."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = []
+    for case in cases:
+        hidden, weight, targets, chunk, dtype, backend = case
+        slice_ = weight.shape[0] // world
+        h = hidden.to(dtype).requires_grad_()
+        w = weight[rank * slice_:(rank + 1) * slice_].to(dtype).requires_grad_()
+        loss = mk.fused_linear_cross_entropy(h, w, targets, IGNORE, chunk_size=chunk, process_group=dist.group.WORLD,
+                                             backend=backend)
+        (loss * 0.75).backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_vocab_parallel_equals_one_process(tmp_path):
+    """Over a vocabulary split across a gloo group, every rank's loss and dhidden equal the
+    one-process fused loss's, and its dweight equals that loss's slice, for both backends;
+    float32 to rounding, and fp16 under the accuracy rule against float64. (4 ranks: the TP 4
+    training run of tests/train/test_parallel.py.)"""
+    import torch.multiprocessing as mp
+
+    world = 2
+
+    torch.manual_seed(0)
+    cases = []
+    for backend in ("torch", "triton"):
+        for lead, dim, vocab, chunk, dtype in [((2, 7), 16, 40, 5, torch.float32), ((9,), 32, 1000, None, torch.float16)]:
+            hidden = torch.randn(*lead, dim)
+            weight = torch.randn(vocab, dim) / dim ** 0.5
+            targets = _targets(lead, vocab)
+            targets.view(-1)[1] = vocab - 1  # the last rank's last class
+            targets.view(-1)[-1] = vocab // world  # the second rank's first class
+            cases.append((hidden, weight, targets, chunk, dtype, backend))
+    mp.spawn(_vocab_parallel_worker, args=(world, _free_port(), cases, str(tmp_path)), nprocs=world)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for i, (hidden, weight, targets, chunk, dtype, backend) in enumerate(cases):
+        one = _flce(hidden, weight, targets, chunk, backend, dtype, 0.75)
+        ref = _flce(hidden.to(dtype), weight.to(dtype), targets, chunk, "float64", torch.float64, 0.75)
+        plain = _flce(hidden, weight, targets, chunk, "torch", dtype, 0.75)
+        slice_ = weight.shape[0] // world
+        for r, (loss, dh, dw) in enumerate(res[i] for res in ranks):
+            rows = slice(r * slice_, (r + 1) * slice_)
+            assert dh.dtype == dtype and dw.dtype == dtype
+            if dtype == torch.float32:
+                torch.testing.assert_close(loss, one[0], rtol=1e-6, atol=0)
+                torch.testing.assert_close(dh, one[1], rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(dw, one[2][rows], rtol=1e-5, atol=1e-7)
+            assert_close_rule(loss, plain[0], ref[0], name=f"{backend} loss rank {r}")
+            assert_close_rule(dh, plain[1], ref[1], factor=3.0, name=f"{backend} dhidden rank {r}")
+            assert_close_rule(dw, plain[2][rows], ref[2][rows], factor=3.0, name=f"{backend} dweight rank {r}")
+
+
+def test_process_group_must_be_a_process_group():
+    with pytest.raises(TypeError, match="process_group"):
+        mk.fused_linear_cross_entropy(torch.randn(3, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long),
+                                      process_group="tp")
+
+
 # ---------------------------------------------------------------------------- errors, torch.library, compile
 class _NoLaunch:
     def __getitem__(self, grid):
@@ -239,9 +343,9 @@ def test_opcheck():
     targets = _targets((5,), 37)
     torch.library.opcheck(torch.ops.meditron_kernels.triton_cross_entropy.default, (logits, targets, IGNORE))
     torch.library.opcheck(torch.ops.meditron_kernels.triton_cross_entropy.default, (logits.detach(), targets, IGNORE))
-    _, lse = torch.ops.meditron_kernels.triton_cross_entropy(logits.detach(), targets, IGNORE)
+    _, stats = torch.ops.meditron_kernels.triton_cross_entropy(logits.detach(), targets, IGNORE)
     torch.library.opcheck(torch.ops.meditron_kernels.triton_cross_entropy_backward.default,
-                          (torch.tensor(0.7), logits.detach(), targets, lse, IGNORE))
+                          (torch.tensor(0.7), logits.detach(), targets, stats, IGNORE))
     hidden, weight = torch.randn(7, 16, requires_grad=True), torch.randn(37, 16, requires_grad=True)
     torch.library.opcheck(torch.ops.meditron_kernels.triton_fused_linear_cross_entropy.default,
                           (hidden, weight, _targets((7,), 37), IGNORE, 3, True, True))
@@ -277,7 +381,7 @@ def ce_reports():
 def test_static_compile(cc, ce_reports):
     reports = [r for r in ce_reports if r["arch"] == f"sm_{cc}"]
     assert {r["kernel"] for r in reports} == {"cross_entropy_fwd", "cross_entropy_bwd",
-                                              "cross_entropy_fwd_grad_in_place"}
+                                              "cross_entropy_fwd_grad_in_place", "cross_entropy_partial_stats"}
     for rec in reports:
         assert rec["spill_bytes"] == 0 and rec["stack_bytes"] == 0, rec
         assert rec["shared_bytes"] <= rec["shared_limit"], rec
