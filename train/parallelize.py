@@ -337,32 +337,14 @@ def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
 def load_hf_weights(parts: list[nn.Module], path: str, device: torch.device) -> None:
     """Continued pretraining: fill this rank's parts from a Hugging Face Llama directory,
     reading only the tensors they hold (safetensors are memory-mapped, one tensor at a time)."""
-    import json
+    from model.hf import iter_hf_tensors
 
-    from model.hf import _weight_files, to_hf_name
-    from safetensors import safe_open
-
-    with open(os.path.join(path, "config.json")) as f:
-        tied = bool(json.load(f).get("tie_word_embeddings", False))
-    where = {}
-    for fname in _weight_files(path):
-        with safe_open(os.path.join(path, fname), framework="pt") as f:
-            for key in f.keys():
-                where[key] = fname
     for part in parts:
         part.to_empty(device=device)
         part.init_rope()
-        for name, p in part.named_parameters():
-            key = to_hf_name(name)
-            if key not in where and key == "lm_head.weight" and tied:
-                key = "model.embed_tokens.weight"
-            if key not in where:
-                raise ValueError(f"{path}: checkpoint lacks {key}")
-            with safe_open(os.path.join(path, where[key]), framework="pt") as f:
-                full = f.get_tensor(key)
-            if tuple(full.shape) != tuple(p.shape):
-                raise ValueError(f"{path}: {key} has shape {tuple(full.shape)}, expected {tuple(p.shape)}")
-            _copy_full(p, full.to(torch.float32))
+        params = dict(part.named_parameters())
+        for name, full in iter_hf_tensors(path, {n: p.shape for n, p in params.items()}, strict=False):
+            _copy_full(params[name], full.to(torch.float32))
 
 
 # ------------------------------------------------------------------------ data parallelism
