@@ -41,6 +41,21 @@ MAX_HIDDEN = 65536
 
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
+def _load_h(x_ptrs, r_ptrs, h_ptrs, mask, HAS_RESIDUAL: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """The float32 tile of the normalised input: x, or h = x + residual rounded to x's dtype (then
+    stored to H), exactly as an unfused add would produce it."""
+    # Loads are cast to float32 before any arithmetic: that is the statistics precision, and the
+    # only correct form for bfloat16 under the Triton interpreter.
+    h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        h_out = cast_rtne(h + r, h_ptrs.dtype.element_ty, SOFT_BF16)
+        tl.store(h_ptrs, h_out, mask=mask)
+        h = h_out.to(tl.float32)
+    return h
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     X,  # (rows, N) input; unit column stride
     R,  # (rows, N) residual, read only when HAS_RESIDUAL
@@ -69,14 +84,8 @@ def _rms_norm_fwd_kernel(
     if WHOLE_ROW:
         cols = tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols < N)[None, :]
-        # Loads are cast to float32 before any arithmetic: that is the statistics precision,
-        # and the only correct form for bfloat16 under the Triton interpreter.
-        h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h_out = cast_rtne(h + r, H.dtype.element_ty, SOFT_BF16)
-            tl.store(h_rows + cols[None, :], h_out, mask=mask)
-            h = h_out.to(tl.float32)
+        h = _load_h(x_rows + cols[None, :], r_rows + cols[None, :], h_rows + cols[None, :], mask, HAS_RESIDUAL,
+                    SOFT_BF16)
         rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / N + eps)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         y = h * rstd[:, None] * w[None, :]
@@ -88,12 +97,8 @@ def _rms_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_ok[:, None] & (cols < N)[None, :]
-            h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                h_out = cast_rtne(h + r, H.dtype.element_ty, SOFT_BF16)
-                tl.store(h_rows + cols[None, :], h_out, mask=mask)
-                h = h_out.to(tl.float32)
+            h = _load_h(x_rows + cols[None, :], r_rows + cols[None, :], h_rows + cols[None, :], mask, HAS_RESIDUAL,
+                        SOFT_BF16)
             acc += h * h
         rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / N + eps)
         for start in range(0, N, BLOCK_N):
