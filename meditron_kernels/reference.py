@@ -60,6 +60,13 @@ def _rotate(x: torch.Tensor, c1: torch.Tensor, s1: torch.Tensor, c2: torch.Tenso
     return out.to(x.dtype)
 
 
+def _rotate_at(x: torch.Tensor, tables, pos: torch.Tensor) -> torch.Tensor:
+    # x (..., heads, head_dim) rotated (rotate-half layout) by the table rows at pos, which
+    # broadcasts against x's leading dimensions and the heads
+    c, s = tables[0][pos], tables[1][pos]
+    return _rotate(x, c, s, c, s, False)
+
+
 def _gather_angles(cos, sin, position_ids, seq_len, interleaved):
     # -> c1, s1, c2, s2 broadcastable against (batch, seq, heads, head_dim // 2)
     if cos.dim() == 3:
@@ -203,8 +210,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
         b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         if rotary is not None:
             pos_k, pos_q = _rotary_positions(position_ids, b, sk, sq, seqlens_k, q.device)
-            cos_q, sin_q, cos_k, sin_k = (t[p][:, :, None, :] for p in (pos_q, pos_k) for t in rotary)
-            q, k = _rotate(q, cos_q, sin_q, cos_q, sin_q, False), _rotate(k, cos_k, sin_k, cos_k, sin_k, False)
+            q = _rotate_at(q, rotary, pos_q[:, :, None])
+            k = _rotate_at(k, rotary, pos_k[:, :, None])
         if seqlens_k is None:
             mask = _causal_mask(sq, sk, q.device) if causal else None
         else:
@@ -225,8 +232,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
             doc = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(q.shape[0], device=q.device), right=True)
             q_idx = cu_k.long()[doc + 1] - (cu_seqlens.long()[doc + 1] - torch.arange(q.shape[0], device=q.device))
             pos_q = pos_k[q_idx]
-            cos_q, sin_q, cos_k, sin_k = (t[p][:, None, :] for p in (pos_q, pos_k) for t in rotary)
-            q, k = _rotate(q, cos_q, sin_q, cos_q, sin_q, False), _rotate(k, cos_k, sin_k, cos_k, sin_k, False)
+            q = _rotate_at(q, rotary, pos_q[:, None])
+            k = _rotate_at(k, rotary, pos_k[:, None])
         if cu_seqlens_k is None or cu_seqlens_k is cu_seqlens or torch.equal(cu_seqlens_k, cu_seqlens):
             o, lse = _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
         else:
