@@ -239,20 +239,26 @@ void check_swiglu_input(const Tensor& t, const char* name, const Tensor& ref) {
   check_contiguous(t, name);
 }
 
+// The unpacked ops: gate, up and their gradients as one contiguous row of numel() elements.
+mk::SwigluArgs flat_args(const Tensor& gate) {
+  mk::SwigluArgs a{};
+  a.rows = 1;
+  a.cols = gate.numel();
+  a.in_row_stride = a.out_row_stride = a.cols;
+  a.dtype = dtype_of(gate, "gate");
+  return a;
+}
+
 Tensor swiglu_fwd(const Tensor& gate, const Tensor& up) {
   check_swiglu_input(gate, "gate", gate);
   check_swiglu_input(up, "up", gate);
   check_same(up, "up", gate, "gate");
   const c10::cuda::CUDAGuard guard(gate.device());
   Tensor out = empty_as(gate);
-  mk::SwigluArgs a{};
+  mk::SwigluArgs a = flat_args(gate);
   a.gate = gate.data_ptr();
   a.up = up.data_ptr();
   a.out = out.data_ptr();
-  a.rows = 1;
-  a.cols = gate.numel();
-  a.in_row_stride = a.out_row_stride = a.cols;
-  a.dtype = dtype_of(gate, "gate");
   check_launch(mk::swiglu_fwd(a, c10::cuda::getCurrentCUDAStream()), "cuda_swiglu_fwd");
   return out;
 }
@@ -266,16 +272,12 @@ std::tuple<Tensor, Tensor> swiglu_bwd(const Tensor& dout, const Tensor& gate, co
   const c10::cuda::CUDAGuard guard(gate.device());
   Tensor dgate = empty_as(gate);
   Tensor dup = empty_as(up);
-  mk::SwigluArgs a{};
+  mk::SwigluArgs a = flat_args(gate);
   a.dout = dout.data_ptr();
   a.gate = gate.data_ptr();
   a.up = up.data_ptr();
   a.dgate = dgate.data_ptr();
   a.dup = dup.data_ptr();
-  a.rows = 1;
-  a.cols = gate.numel();
-  a.in_row_stride = a.out_row_stride = a.cols;
-  a.dtype = dtype_of(gate, "gate");
   check_launch(mk::swiglu_bwd(a, c10::cuda::getCurrentCUDAStream()), "cuda_swiglu_bwd");
   return {dgate, dup};
 }

@@ -73,3 +73,35 @@ def why_unavailable() -> str:
     if not torch.cuda.is_available():
         return "no CUDA device is available to this torch"
     return "available"
+
+
+def opcheck_cases(device) -> list[tuple[object, tuple]]:
+    """(op, args) pairs covering every op of the extension and each of its optional inputs, for
+    ``torch.library.opcheck``: on ``"meta"`` (the fakes, any machine with the extension built) or a
+    CUDA device (the kernels). Shared by the test suite and scripts/check_cuda_ext.py."""
+    import torch
+
+    ops = torch.ops.meditron_kernels
+    d = dict(device=device)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, **d).requires_grad_()
+    r = torch.randn(3, 5, 64, dtype=torch.bfloat16, **d).requires_grad_()
+    w = torch.randn(64, dtype=torch.float32, **d).requires_grad_()
+    q = torch.randn(2, 7, 8, 64, dtype=torch.float16, **d).requires_grad_()
+    k = torch.randn(2, 7, 2, 64, dtype=torch.float16, **d).requires_grad_()
+    cos, sin = torch.randn(16, 32, **d), torch.randn(16, 32, **d)
+    pos = torch.randint(0, 16, (2, 7), **d)
+    g = torch.randn(4, 96, **d).requires_grad_()
+    u = torch.randn(4, 96, **d).requires_grad_()
+    gu = torch.randn(4, 192, **d).requires_grad_()
+    return [
+        (ops.cuda_rms_norm_fwd, (x, w, 1e-5)),
+        (ops.cuda_rms_norm_residual_fwd, (x, r, w, 1e-5)),
+        (ops.cuda_rms_norm_bwd, (x.detach(), x.detach(), w.detach(), None, 1e-5, True)),
+        (ops.cuda_rms_norm_bwd, (x.detach(), x.detach(), w.detach(), r.detach(), 1e-5, True)),
+        (ops.cuda_apply_rotary, (q, k, cos, sin, pos, False, False)),
+        (ops.cuda_apply_rotary, (q, k, cos, sin, None, True, True)),
+        (ops.cuda_swiglu_fwd, (g, u)),
+        (ops.cuda_swiglu_bwd, (g.detach(), g.detach(), u.detach())),
+        (ops.cuda_swiglu_packed_fwd, (gu,)),
+        (ops.cuda_swiglu_packed_bwd, (g.detach(), gu.detach())),
+    ]

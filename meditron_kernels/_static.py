@@ -1,19 +1,22 @@
 """Static GPU checks without a GPU: compile a Triton launch for sm_80 / sm_90 and read
 registers, spills, shared memory, matrix instructions and load widths off the cubin.
 
-A launcher describes each launch it makes as a :class:`Launch` (the same function builds
-the run-time launch and the static one, so the configuration under test is the one that
-runs). The test suite and ``python -m benchmarks.inspect`` compile those descriptions.
+An op builds each launch it makes as a :class:`~meditron_kernels.ops._common.Launch`, one
+function per kernel that serves both the run time and ``static_launches()`` (so the
+configuration under test is the one that runs). The test suite and
+``python -m benchmarks.inspect`` compile those descriptions.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
 import subprocess
 import tempfile
 from typing import Any
+
+from .backend import interpreting
+from .ops._common import Launch
 
 # Per-SM limits. Shared memory is the per-block opt-in maximum.
 ARCH_LIMITS = {
@@ -22,18 +25,6 @@ ARCH_LIMITS = {
     90: dict(name="H100 (sm_90)", regs_per_sm=65536, max_warps_per_sm=64, max_blocks_per_sm=32, smem_per_block=227 * 1024,
              smem_per_sm=228 * 1024),
 }
-
-
-@dataclasses.dataclass
-class Launch:
-    """One kernel launch: the kernel, its arguments by name (tensors, ints, floats and
-    constexprs, exactly as passed at run time) and its launch options."""
-    name: str
-    kernel: Any
-    args: dict[str, Any]
-    num_warps: int = 4
-    num_stages: int = 3
-    grid: tuple[int, ...] = (1,)
 
 
 def _jit_function(kernel):
@@ -179,7 +170,7 @@ def module_reports(module: str, ccs=(80, 90)) -> dict[str, dict[str, Any]]:
     friends included) that ``triton.compile`` cannot lower, so the compilation then runs in a
     child process with TRITON_INTERPRET removed from its environment.
     """
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not interpreting():
         import importlib
 
         import inspect

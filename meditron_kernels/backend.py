@@ -126,6 +126,13 @@ def triton_available() -> bool:
     return _HAS_TRITON
 
 
+def interpreting() -> bool:
+    """Whether Triton kernels run under the Triton interpreter (``TRITON_INTERPRET=1``), which is
+    what lets ``backend="triton"`` take CPU tensors. The one place the question is answered:
+    dispatch, the op modules and the static report all ask here."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def implementations(op: str) -> dict[str, Callable]:
     """The registered implementations of ``op``, by backend name ({} for an unknown op)."""
     return {name: fn for (o, name), fn in _REGISTRY.items() if o == op}
@@ -144,7 +151,7 @@ def _problem(op: str, name: str, device: torch.device) -> tuple[type[Exception],
             from . import _cuda_ext
 
             return RuntimeError, f"{op}: backend='cuda' is unavailable: {_cuda_ext.why_unavailable()}"
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if name == "triton" and device.type != "cuda" and not interpreting():
         return ValueError, (f"{op}: backend='triton' got tensors on {device}; Triton kernels need CUDA tensors, "
                             "or TRITON_INTERPRET=1 set before meditron_kernels is imported to run them on the CPU")
     if (op, name) not in _REGISTRY:

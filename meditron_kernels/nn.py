@@ -4,6 +4,9 @@ Each module owns its parameters and calls one function of :mod:`meditron_kernels
 backend follows that function's resolution (``backend=None``: the process default, the
 environment, or auto) unless the module is given one. Modules can be built on the meta
 device and initialised later with ``reset_parameters()``.
+
+Initialisation (shared with ``model.Llama``): projections are normal with mean 0, truncated at
+3 standard deviations (:func:`init_normal_`); norm weights are ones.
 """
 from __future__ import annotations
 
@@ -11,6 +14,11 @@ import torch
 from torch import nn
 
 import meditron_kernels as mk
+
+
+def init_normal_(weight: torch.Tensor, std: float) -> None:
+    """Normal(0, std) truncated at +-3 std, in place: the initialisation of every projection."""
+    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
 
 class RMSNorm(nn.Module):
@@ -55,7 +63,7 @@ class SwiGLU(nn.Module):
         """Normal, truncated at 3 std: std 0.02 for w1, ``init_std`` for w2 and w3, which a model
         scales with depth so the residual stream's variance does not grow with the layer count."""
         for linear, std in ((self.w1, 0.02), (self.w2, init_std), (self.w3, init_std)):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            init_normal_(linear.weight, std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim)."""

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -96,9 +97,56 @@ def _weight_files(path: str) -> list[str]:
                             "(PyTorch .bin checkpoints are not supported; convert them to safetensors)")
 
 
-def load_hf(cls, path, device=None, dtype=None) -> Llama:
+def iter_hf_tensors(path, shapes: Mapping[str, Sequence[int]], *,
+                    strict: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors that ``shapes`` names, read from a Hugging Face Llama directory (config.json +
+    safetensors, sharded or not), as (our parameter name, tensor), one at a time from the
+    memory-mapped files, each file opened once.
+
+    shapes: our parameter name -> the shape it must have (a model's parameters, or a pipeline
+    stage's: tensor-parallel parameters give their full shape). When config.json ties the
+    embeddings and the checkpoint has no lm_head, ``output.weight`` is the embedding. A wanted
+    tensor that is missing or misshapen is a ValueError; so, when ``strict``, is a tensor of the
+    checkpoint that nothing wants (except the derived rotary ``inv_freq`` of old checkpoints).
+    The one reader of checkpoints: Llama.from_hf and the trainer's init_from_hf both use it.
+    """
     from safetensors import safe_open
 
+    path = os.fspath(path)
+    with open(os.path.join(path, "config.json")) as f:
+        tied = bool(json.load(f).get("tie_word_embeddings", False))
+    wanted = {to_hf_name(n): n for n in shapes}
+    where = {}  # transformers' name -> its file
+    for fname in _weight_files(path):
+        with safe_open(os.path.join(path, fname), framework="pt") as f:
+            for key in f.keys():
+                if strict and key not in wanted and not key.endswith("rotary_emb.inv_freq"):
+                    raise ValueError(f"{path}/{fname}: unexpected tensor {key!r}")
+                where[key] = fname
+    sources: dict[str, list[str]] = {}  # the tensor to read -> the names it gives
+    missing = []
+    for key, name in wanted.items():
+        if key not in where and key == "lm_head.weight" and tied:
+            key = "model.embed_tokens.weight"
+        if key in where:
+            sources.setdefault(key, []).append(name)
+        else:
+            missing.append(key)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    for fname in sorted({where[key] for key in sources}):
+        with safe_open(os.path.join(path, fname), framework="pt") as f:
+            for key in [k for k in sources if where[k] == fname]:
+                t = f.get_tensor(key)
+                for name in sources[key]:
+                    if tuple(t.shape) != tuple(shapes[name]):
+                        raise ValueError(f"{path}/{fname}: {key} has shape {tuple(t.shape)}, "
+                                         f"expected {tuple(shapes[name])}")
+                    yield name, t
+                del t
+
+
+def load_hf(cls, path, device=None, dtype=None) -> Llama:
     path = os.fspath(path)
     with open(os.path.join(path, "config.json")) as f:
         hf_cfg = json.load(f)
@@ -113,31 +161,9 @@ def load_hf(cls, path, device=None, dtype=None) -> Llama:
     model.to_empty(device=device)
     model.to(dtype)
     params = dict(model.named_parameters())
-    wanted = {to_hf_name(n): n for n in params}
-    tied = bool(hf_cfg.get("tie_word_embeddings", False))
-    seen = set()
-    for fname in _weight_files(path):
-        with safe_open(os.path.join(path, fname), framework="pt") as f:
-            for key in f.keys():
-                if key not in wanted:
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue  # old checkpoints store this derived buffer
-                    raise ValueError(f"{path}/{fname}: unexpected tensor {key!r}")
-                p = params[wanted[key]]
-                t = f.get_tensor(key)
-                if t.shape != p.shape:
-                    raise ValueError(f"{path}/{fname}: {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-                with torch.no_grad():
-                    p.copy_(t)
-                seen.add(key)
-                del t
-    if tied and "lm_head.weight" not in seen:
-        with torch.no_grad():
-            model.output.weight.copy_(model.tok_embeddings.weight)
-        seen.add("lm_head.weight")
-    missing = sorted(set(wanted) - seen)
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, t in iter_hf_tensors(path, {n: p.shape for n, p in params.items()}):
+            params[name].copy_(t)
     model.init_rope()
     return model
 

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 import meditron_kernels as mk
-from meditron_kernels.nn import RMSNorm, SwiGLU
+from meditron_kernels.nn import RMSNorm, SwiGLU, init_normal_
+
+INIT_STD = 0.02  # of every projection that reads the residual stream, and of the embedding
 
 
 @dataclasses.dataclass
@@ -104,6 +106,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
+    def init_weights(self, out_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            init_normal_(lin.weight, INIT_STD)
+        init_normal_(self.wo.weight, out_std)
+
     def forward(self, x, *, rope, cu_seqlens=None, max_seqlen=None, position_ids=None, cache=None):
         # x (batch, seq, dim). Head counts come from the weights' local shapes (-1), so the
         # same code runs on tensor-parallel shards holding a slice of the heads.
@@ -133,6 +140,14 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def init_weights(self, out_std: float) -> None:
+        """out_std: of the projections whose output is added to the residual stream (wo, w2) and
+        of w3, whose product with silu(w1 x) feeds w2."""
+        self.attention_norm.reset_parameters()
+        self.attention.init_weights(out_std)
+        self.ffn_norm.reset_parameters()
+        self.feed_forward.reset_parameters(init_std=out_std)
 
     def forward(self, x, *, rope, cu_seqlens=None, max_seqlen=None, position_ids=None, cache=None):
         # x (batch, seq, dim) is the residual stream; cache: a KVCache (inference)
@@ -231,26 +246,34 @@ class Llama(nn.Module):
     def init_weights(self) -> None:
         """Initialise parameters and rotary tables in place (after ``to_empty()`` from meta, too).
 
-        Normal(0, 0.02) everywhere; the two projections that write into the residual stream (wo,
-        w2) are scaled by 1/sqrt(2 n_layers) so the stream's variance does not grow with depth.
+        The policy: normal, truncated at 3 std (meditron_kernels.nn.init_normal_), std INIT_STD
+        for the embedding, the head and the projections that read the residual stream (wq, wk,
+        wv, w1); wo, w2 and w3 get INIT_STD / sqrt(2 n_layers), so the residual stream's variance
+        does not grow with depth; norm weights are ones. Each unit (see ``units``) is
+        initialised on its own by ``init_unit``, which is how every parallel layout builds the
+        same weights (train/parallelize.init_weights).
         """
         self.init_rope()
-        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        with torch.no_grad():
-            if self.tok_embeddings is not None:
-                nn.init.normal_(self.tok_embeddings.weight, std=std)
-            for layer in self.layers.values():
-                for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
-                            layer.feed_forward.w1, layer.feed_forward.w3):
-                    nn.init.normal_(lin.weight, std=std)
-                nn.init.normal_(layer.attention.wo.weight, std=out_std)
-                nn.init.normal_(layer.feed_forward.w2.weight, std=out_std)
-                layer.attention_norm.reset_parameters()
-                layer.ffn_norm.reset_parameters()
-            if self.norm is not None:
-                self.norm.reset_parameters()
-            if self.output is not None:
-                nn.init.normal_(self.output.weight, std=std)
+        for name in self.units():
+            self.init_unit(name)
+
+    def units(self) -> list[str]:
+        """The initialisation units this model (or pipeline stage) holds, in order:
+        tok_embeddings, layers.<i>, norm, output."""
+        names = ["tok_embeddings"] if self.tok_embeddings is not None else []
+        names += [f"layers.{k}" for k in self.layers.keys()]
+        return names + [n for n in ("norm", "output") if getattr(self, n) is not None]
+
+    @torch.no_grad()
+    def init_unit(self, name: str) -> None:
+        """Initialise one unit's parameters in place (the policy of ``init_weights``)."""
+        module = self.get_submodule(name)
+        if name in ("tok_embeddings", "output"):
+            init_normal_(module.weight, INIT_STD)
+        elif name == "norm":
+            module.reset_parameters()
+        else:
+            module.init_weights(INIT_STD / math.sqrt(2 * self.cfg.n_layers))
 
     def init_rope(self) -> None:
         if self.rope_cos.device.type == "meta":

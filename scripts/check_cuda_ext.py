@@ -57,35 +57,15 @@ assert torch.ops.meditron_kernels.triton_probe(torch.ones(2)).sum().item() == 2
 def meta_checks() -> None:
     from torch.library import opcheck
 
-    from meditron_kernels import backend
+    from meditron_kernels import _cuda_ext, backend
 
-    m = dict(device="meta")
-    ops = torch.ops.meditron_kernels
-    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, **m).requires_grad_()
-    r = torch.randn(3, 5, 64, dtype=torch.bfloat16, **m).requires_grad_()
-    w = torch.randn(64, dtype=torch.float32, **m).requires_grad_()
-    q = torch.randn(2, 7, 8, 64, dtype=torch.float16, **m).requires_grad_()
-    k = torch.randn(2, 7, 2, 64, dtype=torch.float16, **m).requires_grad_()
-    cos = torch.randn(16, 32, **m)
-    sin = torch.randn(16, 32, **m)
-    pos = torch.zeros(2, 7, dtype=torch.int64, **m)
-    g = torch.randn(4, 96, **m).requires_grad_()
-    u = torch.randn(4, 96, **m).requires_grad_()
-    gu = torch.randn(4, 192, **m).requires_grad_()
-    cases = [
-        (ops.cuda_rms_norm_fwd, (x, w, 1e-5)),
-        (ops.cuda_rms_norm_residual_fwd, (x, r, w, 1e-5)),
-        (ops.cuda_rms_norm_bwd, (x.detach(), x.detach(), w.detach(), None, 1e-5, True)),
-        (ops.cuda_apply_rotary, (q, k, cos, sin, pos, False, False)),
-        (ops.cuda_apply_rotary, (q, k, cos, sin, None, True, True)),
-        (ops.cuda_swiglu_fwd, (g, u)),
-        (ops.cuda_swiglu_bwd, (g.detach(), g.detach(), u.detach())),
-        (ops.cuda_swiglu_packed_fwd, (gu,)),
-        (ops.cuda_swiglu_packed_bwd, (g.detach(), gu.detach())),
-    ]
+    cases = _cuda_ext.opcheck_cases("meta")
     for op, args in cases:
         opcheck(op, args)
     print(f"ok: opcheck on meta tensors, {len(cases)} cases")
+    x, r, w, _ = cases[1][1]  # the inputs of the rms_norm, rotary and packed swiglu cases
+    q, k, cos, sin, *_ = cases[4][1]
+    (gu,) = cases[8][1]
 
     # The registered implementations themselves: dispatch would refuse meta tensors.
     rms_norm, apply_rotary, swiglu_packed = (backend.implementations(op)["cuda"]

@@ -50,3 +50,13 @@ def assert_close_rule(out: torch.Tensor, out_torch: torch.Tensor, ref: torch.Ten
     err = max_err(out, ref)
     base = baseline_err(out_torch, ref)
     assert err <= factor * base + atol, f"{name}: error {err:.3e} > {factor} x torch error {base:.3e} + {atol:.0e}"
+
+
+def assert_static_clean(rep: dict, vector_load_bits: int = 128) -> None:
+    """One static-report record (meditron_kernels._static.report) of a memory-bound kernel: no
+    spills or stack, shared memory within the part, at least one block per SM, and loads of
+    ``vector_load_bits`` (16-byte aligned 16-bit rows are read 16 bytes at a time)."""
+    assert rep["spill_bytes"] == 0 and rep["stack_bytes"] == 0, rep
+    assert rep["shared_bytes"] <= rep["shared_limit"], rep
+    assert rep["blocks_per_sm"] >= 1, rep
+    assert rep["vector_load_bits"] == vector_load_bits, rep

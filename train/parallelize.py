@@ -297,43 +297,29 @@ def _unit_seed(seed: int, unit: int) -> int:
 def init_weights(parts: list[nn.Module], model_cfg, seed: int, device: torch.device) -> None:
     """Give every parameter the value it has in a one-process run, whatever the layout.
 
-    Each unit (embedding, layer i, final norm, head) is initialised by Llama.init_weights on a
-    one-unit model under its own seed, then each rank copies in its slice. The result depends on
+    Each unit (embedding, layer i, final norm, head: ``Llama.units``) is initialised whole by
+    ``Llama.init_unit`` under its own seed, on a full model built on the meta device of which
+    only that unit is ever allocated; then each rank copies in its slice. The result depends on
     the seed and the parameter alone, not on which rank or stage holds it.
     """
     from model import Llama
 
-    L = model_cfg.n_layers
+    with torch.device("meta"):
+        full = Llama(model_cfg)
+    order = {name: i for i, name in enumerate(full.units())}
     for part in parts:
         part.to_empty(device=device)
         part.init_rope()
-        units = []
-        if part.tok_embeddings is not None:
-            units.append((0, "tok_embeddings", None))
-        units += [(int(k) + 1, f"layers.{k}", k) for k in part.layers.keys()]
-        if part.norm is not None:
-            units.append((L + 1, "norm", None))
-        if part.output is not None:
-            units.append((L + 2, "output", None))
         params = dict(part.named_parameters())
-        for unit, prefix, layer_key in units:
-            with torch.device("meta"):
-                shell = Llama(dataclasses.replace(model_cfg, n_layers=1))
-            shell.cfg = model_cfg  # depth-scaled init of wo and w2 uses the real layer count
-            for name in ("tok_embeddings", "norm", "output"):
-                if name != prefix:
-                    setattr(shell, name, None)
-            if layer_key is None:
-                del shell.layers["0"]
-            shell.to_empty(device=device)
+        for name in part.units():
+            unit = full.get_submodule(name)
+            unit.to_empty(device=device)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(_unit_seed(seed, unit))
-                shell.init_weights()
-            for name, full in shell.named_parameters():
-                if layer_key is not None:
-                    name = name.replace("layers.0.", f"layers.{layer_key}.", 1)
-                _copy_full(params[name], full)
-            del shell
+                torch.manual_seed(_unit_seed(seed, order[name]))
+                full.init_unit(name)
+            for pname, value in unit.named_parameters(prefix=name):
+                _copy_full(params[pname], value)
+            unit.to_empty(device="meta")  # one unit in memory at a time
 
 
 def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
@@ -351,32 +337,14 @@ def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
 def load_hf_weights(parts: list[nn.Module], path: str, device: torch.device) -> None:
     """Continued pretraining: fill this rank's parts from a Hugging Face Llama directory,
     reading only the tensors they hold (safetensors are memory-mapped, one tensor at a time)."""
-    import json
+    from model.hf import iter_hf_tensors
 
-    from model.hf import _weight_files, to_hf_name
-    from safetensors import safe_open
-
-    with open(os.path.join(path, "config.json")) as f:
-        tied = bool(json.load(f).get("tie_word_embeddings", False))
-    where = {}
-    for fname in _weight_files(path):
-        with safe_open(os.path.join(path, fname), framework="pt") as f:
-            for key in f.keys():
-                where[key] = fname
     for part in parts:
         part.to_empty(device=device)
         part.init_rope()
-        for name, p in part.named_parameters():
-            key = to_hf_name(name)
-            if key not in where and key == "lm_head.weight" and tied:
-                key = "model.embed_tokens.weight"
-            if key not in where:
-                raise ValueError(f"{path}: checkpoint lacks {key}")
-            with safe_open(os.path.join(path, where[key]), framework="pt") as f:
-                full = f.get_tensor(key)
-            if tuple(full.shape) != tuple(p.shape):
-                raise ValueError(f"{path}: {key} has shape {tuple(full.shape)}, expected {tuple(p.shape)}")
-            _copy_full(p, full.to(torch.float32))
+        params = dict(part.named_parameters())
+        for name, full in iter_hf_tensors(path, {n: p.shape for n, p in params.items()}, strict=False):
+            _copy_full(params[name], full.to(torch.float32))
 
 
 # ------------------------------------------------------------------------ data parallelism

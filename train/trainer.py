@@ -169,19 +169,6 @@ def check_model_fits(cfg: Config, mcfg: LlamaConfig, vocab_needed: int) -> None:
         raise ConfigError(f"training.seq_len {cfg.training.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
 
 
-def build_model(cfg: Config, device: torch.device, vocab_needed: int):
-    """The whole model in one process: meta build, then allocate on the device and initialise
-    (or load the HF checkpoint)."""
-    mcfg = model_config(cfg)
-    check_model_fits(cfg, mcfg, vocab_needed)
-    model = par.build_stage(mcfg, 0, 1)
-    if cfg.model.init_from_hf:
-        par.load_hf_weights([model], cfg.model.init_from_hf, device)
-    else:
-        par.init_weights([model], mcfg, cfg.training.seed, device)
-    return model
-
-
 class PartOptimizers:
     """One AdamW per model part, driven as one: checkpointing pairs each part with its own
     optimizer (a pipeline rank may hold several stages)."""

@@ -42,7 +42,6 @@ from a first pass, _attn_bwd_stats, through TMA.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -55,15 +54,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 from triton.runtime.errors import OutOfResources
 
 from .. import _validate as V
-from .._static import Launch
 from ..backend import register
-from ._common import cast_rtne
+from ._common import Launch, cast_rtne, device_of, interpreting, unit_stride
 
 LOG2E = 1.4426950408889634
 # the same constants, visible inside kernels
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRETED = tl.constexpr(interpreting())  # fixed at import, as triton.jit fixes interpreting
 MAX_HEAD_DIM = 256
 
 
@@ -1162,12 +1160,6 @@ def _cc(x: torch.Tensor) -> int | None:
     return None
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    # Strided rows and heads (e.g. slices of a fused qkv projection) are read in place; only a
-    # non-unit stride along d costs one copy.
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _bsh(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
     """(sequence, token, head) strides in elements; a pack is one sequence axis, so its first is 0."""
     return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
@@ -1301,15 +1293,52 @@ def _bwd_args(P: _Problem, q, k, v, do, lse, delta, cfg: Config, flags: dict, st
         **P.lse_strides(lse), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, **flags)
 
 
-def _dq_extra(P: _Problem, o, dq, qrot, dlse, lse) -> dict:
-    bo, bdq = _bsh(o, P.packed), _bsh(dq, P.packed)
-    return dict(O=o, DQ=dq, QROT=qrot, DLSE=dlse if dlse is not None else lse, HAS_DLSE=dlse is not None,
-                stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
-                stride_dqh=bdq[2], n_heads=P.n_heads)
-
-
 def _grid(seqlen: int, n_batch: int, block: int, heads: int) -> tuple[int]:
     return (triton.cdiv(seqlen, block) * n_batch * heads,)
+
+
+# One launch builder per kernel, used by the run-time path and by static_launches() alike.
+def _fwd_launch(P: _Problem, q, k, v, o, lse, cfg: Config, flags: dict) -> Launch:
+    return Launch("attention_fwd", _attn_fwd, _fwd_args(P, q, k, v, o, lse, cfg, flags), cfg.num_warps,
+                  cfg.num_stages, _grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads))
+
+
+def _dq_launch(P: _Problem, q, k, v, o, do, lse, delta, dq, qrot, dlse, cfg: Config, flags: dict, stats=None,
+               cu_st=None) -> Launch:
+    """delta (lse's layout) and qrot (q rotated, for the dk/dv kernel; dq itself without rotary) are written.
+    stats, cu_st: what _attn_bwd_stats wrote, for a warp-specialized cfg."""
+    bo, bdq = _bsh(o, P.packed), _bsh(dq, P.packed)
+    args = dict(_bwd_args(P, q, k, v, do, lse, delta, cfg, flags, stats, cu_st), O=o, DQ=dq, QROT=qrot,
+                DLSE=dlse if dlse is not None else lse, HAS_DLSE=dlse is not None,
+                stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
+                stride_dqh=bdq[2], n_heads=P.n_heads)
+    return Launch("attention_bwd_dq", _attn_bwd_dq, args, cfg.num_warps, cfg.num_stages,
+                  _grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads))
+
+
+def _dkdv_launch(P: _Problem, q, k, v, do, lse, delta, dk, dv, cfg: Config, flags: dict, stats=None,
+                 cu_st=None) -> Launch:
+    """q: the rotated q the dq kernel wrote when rotary, else q itself; delta from the dq kernel (or the
+    statistics pass)."""
+    bdk = _bsh(dk, P.packed)
+    args = dict(_bwd_args(P, q, k, v, do, lse, delta, cfg, flags, stats, cu_st), DK=dk, DV=dv,
+                stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv)
+    return Launch("attention_bwd_dkdv", _attn_bwd_dkdv, args, cfg.num_warps, cfg.num_stages,
+                  _grid(P.seqlen_k, P.n_batch, cfg.block_n, P.n_kv))
+
+
+def _stats_launch(P: _Problem, o, do, lse, dlse, delta, stats, cu_st) -> Launch:
+    """The warp-specialized backward's first pass: delta, and the scaled lse and delta laid out for TMA
+    in stats ((n_seq, 2 * n_heads, tokens); packed documents start on a multiple of 4 columns, cu_st)."""
+    bo, bdo = _bsh(o, P.packed), _bsh(do, P.packed)
+    block = 64
+    args = dict(O=o, DO=do, LSE=lse, DLSE=dlse if dlse is not None else lse, DELTA=delta, STATS=stats,
+                CU=P.cu if P.packed else lse, CU_ST=cu_st if P.packed else lse, stride_ob=bo[0], stride_os=bo[1],
+                stride_oh=bo[2], stride_dob=bdo[0], stride_dos=bdo[1], stride_doh=bdo[2], **P.lse_strides(lse),
+                stride_sb=stats.stride(0), stride_st=stats.stride(1), seqlen_q=P.seqlen_q, n_heads=P.n_heads,
+                n_batch=P.n_batch, HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim), BLOCK_M=block, PACKED=P.packed,
+                HAS_DLSE=dlse is not None)
+    return Launch("attention_bwd_stats", _attn_bwd_stats, args, 4, 2, _grid(P.seqlen_q, P.n_batch, block, P.n_heads))
 
 
 def _lse_empty(q: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -1326,7 +1355,7 @@ def _tune_key(P: _Problem, tma: bool) -> tuple:
 def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
                       cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
     """-> o (q's shape), lse (fp32: (batch, n_heads, sq), or (n_heads, total_q) when packed)."""
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     packed = cu_seqlens is not None
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _lse_empty(q, packed)
@@ -1344,11 +1373,8 @@ def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, co
         _decode(P, q, k, v, o, lse, cc)
         return o, lse
 
-    def run(cfg: Config):
-        _attn_fwd[_grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads)](
-            **_fwd_args(P, q, k, v, o, lse, cfg, flags), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma), run,
+    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma),
+               lambda cfg: _fwd_launch(P, q, k, v, o, lse, cfg, flags).run(),
                warp_spec_ok(tma, cos is not None, var_k=P.lens_k is not None))
     return o, lse
 
@@ -1364,11 +1390,12 @@ def _sm_count(x: torch.Tensor) -> int:
     return _INTERPRETER_DECODE[2]
 
 
-def _decode_args(P: _Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_splits: int, flags: dict) -> dict:
+def _decode_launch(P: _Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_splits: int,
+                   flags: dict) -> Launch:
     c = P.common(q)
     bq, bk, bv, bo = _bsh(q, P.packed), _bsh(k, P.packed), _bsh(v, P.packed), _bsh(o, P.packed)
     rows = (P.n_heads // P.n_kv) * P.seqlen_q
-    return dict(
+    args = dict(
         Q=q, K=k, V=v, O=o, LSE=lse, O_PART=o_part, LSE_PART=lse_part, CU=c["CU"], CU_K=c["CU_K"],
         LENS_K=c["LENS_K"], qk_scale=P.scale * LOG2E,
         stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
@@ -1378,14 +1405,17 @@ def _decode_args(P: _Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_
         BLOCK_M=max(cfg.block_m, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, CAUSAL=P.causal,
         PACKED=P.packed, VAR_K=P.lens_k is not None, SPLIT=n_splits > 1, DOT_F32=flags["DOT_F32"],
         PRECISION=flags["PRECISION"], SCALE_NEG=P.scale < 0)
+    return Launch("attention_decode", _attn_decode, args, cfg.num_warps, cfg.num_stages,
+                  (P.n_batch * P.n_kv * n_splits,))
 
 
-def _reduce_args(P: _Problem, o, lse, o_part, lse_part, n_splits: int) -> dict:
+def _reduce_launch(P: _Problem, o, lse, o_part, lse_part, n_splits: int) -> Launch:
     bo = _bsh(o, P.packed)
-    return dict(O_PART=o_part, LSE_PART=lse_part, O=o, LSE=lse, CU=P.cu if P.packed else lse,
+    args = dict(O_PART=o_part, LSE_PART=lse_part, O=o, LSE=lse, CU=P.cu if P.packed else lse,
                 stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], **P.lse_strides(lse), seqlen_q=P.seqlen_q,
                 n_heads=P.n_heads, n_batch=P.n_batch, n_splits=n_splits, HEAD_DIM=P.head_dim,
                 D_PAD=_d_pad(P.head_dim), SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), PACKED=P.packed)
+    return Launch("attention_decode_reduce", _attn_decode_reduce, args, 4, 1, (P.n_batch * P.n_heads * P.seqlen_q,))
 
 
 def _decode(P: _Problem, q, k, v, o, lse, cc: int | None) -> None:
@@ -1398,13 +1428,9 @@ def _decode(P: _Problem, q, k, v, o, lse, cc: int | None) -> None:
         o_part = torch.empty(P.n_batch, P.n_heads, n_splits, P.seqlen_q, P.head_dim, dtype=torch.float32,
                              device=q.device)
         lse_part = torch.empty(o_part.shape[:-1], dtype=torch.float32, device=q.device)
-    flags = _flags(q, cc, False)
-    _attn_decode[(P.n_batch * P.n_kv * n_splits,)](
-        **_decode_args(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, flags),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _decode_launch(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, cc, False)).run()
     if n_splits > 1:
-        _attn_decode_reduce[(P.n_batch * P.n_heads * P.seqlen_q,)](
-            **_reduce_args(P, o, lse, o_part, lse_part, n_splits), num_warps=4, num_stages=1)
+        _reduce_launch(P, o, lse, o_part, lse_part, n_splits).run()
 
 
 _FORCE_SPLITS = None  # tests: a fixed number of key splits for the decoding kernel
@@ -1413,8 +1439,7 @@ _FORCE_SPLITS = None  # tests: a fixed number of key splits for the decoding ker
 def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
                        dlse=None, cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
     """-> dq, dk, dv (contiguous, shaped like q, k, v)."""
-    q, k, v, o, do = (_unit_stride(t) for t in (q, k, v, o, do))
-    packed = cu_seqlens is not None
+    q, k, v, o, do = (unit_stride(t) for t in (q, k, v, o, do))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # rows of k past a sequence's seqlens_k are never visited: their gradient is zero
     new = torch.zeros if seqlens_k is not None else torch.empty
@@ -1438,53 +1463,33 @@ def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, m
     stats = cu_st = None
     if ws_dq:  # (n_seq, 2 * n_heads, tokens): what _attn_bwd_stats writes for the warp-specialized kernels
         n_tok = P.seqlen_q
-        if packed:  # each document starts on a multiple of 4 columns
+        if P.packed:  # each document starts on a multiple of 4 columns
             cu_st = torch.nn.functional.pad(torch.cumsum((P.cu[1:] - P.cu[:-1] + 3) // 4 * 4, 0), (1, 0))
             cu_st, n_tok = cu_st.to(torch.int32), q.shape[0] + 3 * P.n_batch
-        stats = torch.empty(1 if packed else P.n_batch, 2 * P.n_heads, -(-n_tok // 4) * 4, dtype=torch.float32,
+        stats = torch.empty(1 if P.packed else P.n_batch, 2 * P.n_heads, -(-n_tok // 4) * 4, dtype=torch.float32,
                             device=q.device)
     state = {"stats": False}  # whether stats holds this call's statistics
-
-    def run_stats():
-        bo, bdo = _bsh(o, packed), _bsh(do, packed)
-        block = 64
-        _attn_bwd_stats[_grid(P.seqlen_q, P.n_batch, block, P.n_heads)](
-            O=o, DO=do, LSE=lse, DLSE=dlse if dlse is not None else lse, DELTA=delta, STATS=stats,
-            CU=P.cu if packed else lse, CU_ST=cu_st if packed else lse, stride_ob=bo[0], stride_os=bo[1],
-            stride_oh=bo[2], stride_dob=bdo[0], stride_dos=bdo[1], stride_doh=bdo[2], **P.lse_strides(lse),
-            stride_sb=stats.stride(0), stride_st=stats.stride(1), seqlen_q=P.seqlen_q, n_heads=P.n_heads,
-            n_batch=P.n_batch, HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim), BLOCK_M=block, PACKED=packed,
-            HAS_DLSE=dlse is not None, num_warps=4, num_stages=2)
+    rotary = cos is not None
 
     def run_dq(cfg: Config):
-        if cfg.warp_spec:
-            run_stats()  # also writes delta, for a dk/dv kernel that is not warp-specialized
+        if cfg.warp_spec:  # the statistics pass also writes delta, for a dk/dv kernel that is not specialized
+            _stats_launch(P, o, do, lse, dlse, delta, stats, cu_st).run()
         state["stats"] = cfg.warp_spec
-        _attn_bwd_dq[_grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads)](
-            **_bwd_args(P, q, k, v, do, lse, delta, cfg, flags, stats, cu_st), **_dq_extra(P, o, dq, qrot, dlse, lse),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _dq_launch(P, q, k, v, o, do, lse, delta, dq, qrot, dlse, cfg, flags, stats, cu_st).run()
 
     def run_dkdv(cfg: Config):
         if cfg.warp_spec and not state["stats"]:
-            run_stats()
-        bdk = _bsh(dk, packed)
-        _attn_bwd_dkdv[_grid(P.seqlen_k, P.n_batch, cfg.block_n, P.n_kv)](
-            **_bwd_args(P, qrot if cos is not None else q, k, v, do, lse, delta, cfg, flags, stats, cu_st),
-            DK=dk, DV=dv, stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _stats_launch(P, o, do, lse, dlse, delta, stats, cu_st).run()
+        _dkdv_launch(P, qrot if rotary else q, k, v, do, lse, delta, dk, dv, cfg, flags, stats, cu_st).run()
 
     key = _tune_key(P, tma)
-    _run_tuned("dq", cc, q, P.head_dim, cos is not None, key, run_dq, ws_dq)  # writes delta, read by run_dkdv
-    _run_tuned("dkdv", cc, q, P.head_dim, cos is not None, key, run_dkdv, ws_dkdv)
+    # the dq kernel writes delta (and qrot), which the dk/dv kernel reads
+    _run_tuned("dq", cc, q, P.head_dim, rotary, key, run_dq, ws_dq)
+    _run_tuned("dkdv", cc, q, P.head_dim, rotary, key, run_dkdv, ws_dkdv)
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------- torch.library registration
-def _on_device(x: torch.Tensor):
-    # Triton launches on the current device (and allocates descriptor scratch there): make it x's.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 @torch.library.custom_op("meditron_kernels::triton_flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
             cu_seqlens: Optional[torch.Tensor], max_seqlen: int, cos: Optional[torch.Tensor],
@@ -1492,7 +1497,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
             seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # max_seqlen(_k) 0: unknown, measured from the offsets inside (a host sync a traced graph must not see)
-    with _on_device(q):
+    with device_of(q.device):  # the descriptors' scratch is allocated there too
         return attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
                                  cu_seqlens_k, max_seqlen_k, seqlens_k)
 
@@ -1510,7 +1515,7 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             position_ids: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None,
             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
             seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _on_device(q):
+    with device_of(q.device):
         return attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin,
                                   position_ids, dlse, cu_seqlens_k, max_seqlen_k, seqlens_k)
 
@@ -1585,19 +1590,15 @@ def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d
         configs = {kernel: default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv")}
     out = []
     for kernel, cfg in configs.items():
-        tag = f"_{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}" if cfg.warp_spec else ""
-        name = f"{prefix}_{dict(fwd='fwd', dq='bwd_dq', dkdv='bwd_dkdv')[kernel]}{tag}@sm_{arch}"
         if kernel == "fwd":
-            args, grid = _fwd_args(P, q, k, v, o, lse, cfg, flags), _grid(s, b, cfg.block_m, h)
+            launch = _fwd_launch(P, q, k, v, o, lse, cfg, flags)
         elif kernel == "dq":
-            args = dict(_bwd_args(P, q, k, v, do, lse, lse, cfg, flags, stats), **_dq_extra(P, o, q, do, None, lse))
-            grid = _grid(s, b, cfg.block_m, h)
+            launch = _dq_launch(P, q, k, v, o, do, lse, lse, q, do, None, cfg, flags, stats)
         else:
-            args = dict(_bwd_args(P, q, k, v, do, lse, lse, cfg, flags, stats), DK=k, DV=v, stride_dkb=k.stride(0),
-                        stride_dks=k.stride(1), stride_dkh=k.stride(2), n_kv_heads=hkv)
-            grid = _grid(s, b, cfg.block_n, hkv)
-        out.append(Launch(name, {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}[kernel], args,
-                          cfg.num_warps, cfg.num_stages, grid))
+            launch = _dkdv_launch(P, q, k, v, do, lse, lse, k, v, cfg, flags, stats)
+        tag = f"_{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}" if cfg.warp_spec else ""
+        launch.name = launch.name.replace("attention", prefix, 1) + f"{tag}@sm_{arch}"
+        out.append(launch)
     return out
 
 
@@ -1610,12 +1611,10 @@ def _ws_launches(dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -
     stats = torch.empty(b, 2 * h, -(-s // 4) * 4, dtype=torch.float32, device="meta")
     out = [launch for kernel in ("fwd", "dq", "dkdv") for cfg in _TABLE_WS[(kernel, 90, d, False)]
            for launch in _launches(90, dtype, b, s, h, hkv, d, configs={kernel: cfg}, prefix="attention_ws")]
-    stats_args = dict(O=o, DO=do, LSE=lse, DLSE=lse, DELTA=lse, STATS=stats, CU=lse, CU_ST=lse, stride_ob=o.stride(0),
-                      stride_os=o.stride(1), stride_oh=o.stride(2), stride_dob=do.stride(0), stride_dos=do.stride(1),
-                      stride_doh=do.stride(2), stride_lb=lse.stride(0), stride_lh=lse.stride(1),
-                      stride_sb=stats.stride(0), stride_st=stats.stride(1), seqlen_q=s, n_heads=h, n_batch=b,
-                      HEAD_DIM=d, D_PAD=_d_pad(d), BLOCK_M=64, PACKED=False, HAS_DLSE=False)
-    return out + [Launch("attention_ws_bwd_stats@sm_90", _attn_bwd_stats, stats_args, 4, 2, _grid(s, b, 64, h))]
+    P = _Problem(False, b, s, s, h, hkv, d, True, 1.0 / math.sqrt(d), None, None, None, None, None, None)
+    stats_launch = _stats_launch(P, o, do, lse, None, lse, stats, None)
+    stats_launch.name = "attention_ws_bwd_stats@sm_90"
+    return out + [stats_launch]
 
 
 def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -> list[Launch]:
@@ -1631,13 +1630,11 @@ def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv:
     n_splits = decode_splits(b * hkv, s, 132)
     o_part = torch.empty(b, h, n_splits, 1, d, dtype=torch.float32, device="meta")
     lse_part = torch.empty(b, h, n_splits, 1, dtype=torch.float32, device="meta")
-    return [
-        Launch(f"attention_decode@sm_{arch}", _attn_decode,
-               _decode_args(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, arch, False)),
-               cfg.num_warps, cfg.num_stages, (b * hkv * n_splits,)),
-        Launch(f"attention_decode_reduce@sm_{arch}", _attn_decode_reduce,
-               _reduce_args(P, o, lse, o_part, lse_part, n_splits), 4, 1, (b * h,)),
-    ]
+    launches = [_decode_launch(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, arch, False)),
+                _reduce_launch(P, o, lse, o_part, lse_part, n_splits)]
+    for launch in launches:
+        launch.name += f"@sm_{arch}"
+    return launches
 
 
 def static_launches(cc: int | None = None) -> list[Launch]:

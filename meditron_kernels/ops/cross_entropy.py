@@ -30,10 +30,9 @@ import triton
 import triton.language as tl
 
 from .. import _validate as V
-from .._static import Launch
 from ..backend import register
 from ..reference import default_chunk_size
-from ._common import cast_rtne, device_of, interpreting
+from ._common import Launch, cast_rtne, soft_bf16, unit_stride
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -155,39 +154,28 @@ def cross_entropy_config(n_cols: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------- launchers
 def _fwd_launch(logits, targets, losses, stats, n_valid, ignore_index: int, grad_in_place: bool,
-                soft_bf16: bool = False, vocab_start: int = 0, partial: bool = False) -> Launch:
+                vocab_start: int = 0, partial: bool = False) -> Launch:
     """The forward over the rows of 2-D ``logits`` (meta tensors are fine for static checks)."""
     n_rows, n_cols = logits.shape
     block_v, num_warps = cross_entropy_config(n_cols)
     args = dict(logits_ptr=logits, stride_row=logits.stride(0), targets_ptr=targets, loss_ptr=losses,
                 stats_ptr=stats, n_valid_ptr=n_valid, n_rows=n_rows, n_cols=n_cols, vocab_start=vocab_start,
                 ignore_index=ignore_index, BLOCK_V=block_v, GRAD_IN_PLACE=grad_in_place, PARTIAL=partial,
-                SOFT_BF16=soft_bf16)
+                SOFT_BF16=soft_bf16(logits))
     name = ("cross_entropy_partial_stats" if partial else
             "cross_entropy_fwd_grad_in_place" if grad_in_place else "cross_entropy_fwd")
     return Launch(name, _cross_entropy_fwd_kernel, args, num_warps=num_warps, num_stages=1, grid=(n_rows,))
 
 
-def _bwd_launch(logits, grad, targets, stats, n_valid, grad_out, ignore_index: int, soft_bf16: bool = False,
+def _bwd_launch(logits, grad, targets, stats, n_valid, grad_out, ignore_index: int,
                 vocab_start: int = 0) -> Launch:
     n_rows, n_cols = logits.shape
     block_v, num_warps = cross_entropy_config(n_cols)
     args = dict(logits_ptr=logits, stride_row=logits.stride(0), grad_ptr=grad, targets_ptr=targets, stats_ptr=stats,
                 n_valid_ptr=n_valid, grad_out_ptr=grad_out, n_rows=n_rows, n_cols=n_cols, vocab_start=vocab_start,
-                ignore_index=ignore_index, BLOCK_V=block_v, SOFT_BF16=soft_bf16)
+                ignore_index=ignore_index, BLOCK_V=block_v, SOFT_BF16=soft_bf16(grad))
     return Launch("cross_entropy_bwd", _cross_entropy_bwd_kernel, args, num_warps=num_warps, num_stages=1,
                   grid=(n_rows,))
-
-
-def _run(launch: Launch, device: torch.device) -> None:
-    if launch.grid[0]:
-        with device_of(device):
-            launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
-
-
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    # Rows may be strided; columns must be unit-stride for vector loads (copied once otherwise).
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
 def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -206,12 +194,12 @@ def _cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor,
                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (n, vocab), targets (n,) -> (mean loss () float32, per-row statistics (3, n) float32:
     max, sum of exp(x - max), target logit)."""
-    logits = _row_major(logits)
+    logits = unit_stride(logits)
     n_rows = logits.shape[0]
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     stats = torch.empty((3, n_rows), dtype=torch.float32, device=logits.device)
     n_valid = _count_valid(targets, ignore_index)
-    _run(_fwd_launch(logits, targets, losses, stats, n_valid, ignore_index, False, interpreting()), logits.device)
+    _fwd_launch(logits, targets, losses, stats, n_valid, ignore_index, False).run()
     return _mean(losses, n_valid), stats
 
 
@@ -224,11 +212,11 @@ def _(logits, targets, ignore_index):
 def _cross_entropy_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                                stats: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """grad_loss (), logits (n, vocab), targets (n,), stats (3, n) -> d loss / d logits (n, vocab) in logits.dtype."""
-    logits = _row_major(logits)
+    logits = unit_stride(logits)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     n_valid = _count_valid(targets, ignore_index)
     grad_out = grad_loss.to(torch.float32).reshape(())
-    _run(_bwd_launch(logits, grad, targets, stats, n_valid, grad_out, ignore_index, interpreting()), logits.device)
+    _bwd_launch(logits, grad, targets, stats, n_valid, grad_out, ignore_index).run()
     return grad
 
 
@@ -299,8 +287,8 @@ def _fused_linear_cross_entropy(hidden, weight, targets, ignore_index: int, chun
                                 grad_hidden: bool, grad_weight: bool, group_name: str = ""):
     # hidden (n, dim), weight (vocab, dim) or this rank's (vocab / tp, dim) slice, targets (n,)
     # -> loss () float32, dhidden (n, dim) or (0,), dweight (vocab [/ tp], dim) float32 or (0,)
-    hidden = _row_major(hidden)
-    weight = _row_major(weight)
+    hidden = unit_stride(hidden)
+    weight = unit_stride(weight)
     n, dim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -329,20 +317,17 @@ def _fused_linear_cross_entropy(hidden, weight, targets, ignore_index: int, chun
         logits = torch.mm(h, weight.t(), out=buf[:rows])
         st = stats[:, :rows] if rows == chunk else stats.new_empty((3, rows))
         if group is None:
-            _run(_fwd_launch(logits, t, losses[start:stop], st, n_valid, ignore_index, with_grad,
-                             interpreting()), dev)
+            _fwd_launch(logits, t, losses[start:stop], st, n_valid, ignore_index, with_grad).run()
         else:
             # Megatron's vocab-parallel loss: each rank reduces its slice of the vocabulary and
             # only 3 floats per token cross the group, in one all-gather per chunk.
-            _run(_fwd_launch(logits, t, losses, st, n_valid, ignore_index, False, interpreting(),
-                             vocab_start, partial=True), dev)
+            _fwd_launch(logits, t, losses, st, n_valid, ignore_index, False, vocab_start, partial=True).run()
             g = gathered[: tp * 3 * rows]
             _all_gather(g, st.contiguous().view(-1), group=group)
             m, s, losses[start:stop] = _combine_slices(g.view(tp, 3, rows), t, vocab * tp, ignore_index)
             if with_grad:
                 whole = torch.stack([m, s])
-                _run(_bwd_launch(logits, logits, t, whole, n_valid, one, ignore_index, interpreting(),
-                                 vocab_start), dev)
+                _bwd_launch(logits, logits, t, whole, n_valid, one, ignore_index, vocab_start).run()
         if grad_hidden:
             if dh_dtype == logits.dtype:
                 torch.mm(logits, weight, out=dhidden[start:stop])

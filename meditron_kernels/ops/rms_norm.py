@@ -23,7 +23,6 @@ correction term together, so saving rstd would not remove that pass either.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -32,9 +31,8 @@ import triton
 import triton.language as tl
 
 from .. import _validate as V
-from .._static import Launch
 from ..backend import register
-from ._common import cast_rtne, soft_bf16
+from ._common import Launch, as_rows, cast_rtne, soft_bf16
 
 # The supported hidden sizes: tested up to here. Nothing in the streaming paths breaks above it,
 # but nothing above it is validated, so it is refused rather than silently trusted.
@@ -42,6 +40,21 @@ MAX_HIDDEN = 65536
 
 
 # ---------------------------------------------------------------------------- kernels
+@triton.jit
+def _load_h(x_ptrs, r_ptrs, h_ptrs, mask, HAS_RESIDUAL: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """The float32 tile of the normalised input: x, or h = x + residual rounded to x's dtype (then
+    stored to H), exactly as an unfused add would produce it."""
+    # Loads are cast to float32 before any arithmetic: that is the statistics precision, and the
+    # only correct form for bfloat16 under the Triton interpreter.
+    h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        h_out = cast_rtne(h + r, h_ptrs.dtype.element_ty, SOFT_BF16)
+        tl.store(h_ptrs, h_out, mask=mask)
+        h = h_out.to(tl.float32)
+    return h
+
+
 @triton.jit
 def _rms_norm_fwd_kernel(
     X,  # (rows, N) input; unit column stride
@@ -71,14 +84,8 @@ def _rms_norm_fwd_kernel(
     if WHOLE_ROW:
         cols = tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols < N)[None, :]
-        # Loads are cast to float32 before any arithmetic: that is the statistics precision,
-        # and the only correct form for bfloat16 under the Triton interpreter.
-        h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h_out = cast_rtne(h + r, H.dtype.element_ty, SOFT_BF16)
-            tl.store(h_rows + cols[None, :], h_out, mask=mask)
-            h = h_out.to(tl.float32)
+        h = _load_h(x_rows + cols[None, :], r_rows + cols[None, :], h_rows + cols[None, :], mask, HAS_RESIDUAL,
+                    SOFT_BF16)
         rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / N + eps)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         y = h * rstd[:, None] * w[None, :]
@@ -90,12 +97,8 @@ def _rms_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_ok[:, None] & (cols < N)[None, :]
-            h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                h_out = cast_rtne(h + r, H.dtype.element_ty, SOFT_BF16)
-                tl.store(h_rows + cols[None, :], h_out, mask=mask)
-                h = h_out.to(tl.float32)
+            h = _load_h(x_rows + cols[None, :], r_rows + cols[None, :], h_rows + cols[None, :], mask, HAS_RESIDUAL,
+                        SOFT_BF16)
             acc += h * h
         rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / N + eps)
         for start in range(0, N, BLOCK_N):
@@ -259,18 +262,6 @@ def rms_norm_config(n_cols: int, elem_bytes: int, kind: str, has_dh: bool = Fals
 
 
 # ---------------------------------------------------------------------------- launchers
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (rows, N) with unit column stride: a view when the strides allow it, else
-    one deliberate copy (a column stride other than 1 would also defeat vector loads)."""
-    n = t.shape[-1]
-    if t.dim() > 0 and t.stride(-1) == 1:
-        try:
-            return t.view(-1, n)
-        except RuntimeError:
-            pass
-    return t.contiguous().view(-1, n)
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
     V.kernel_dtype(x, "x", "triton")
     V.kernel_dtype(weight, "weight", "triton")
@@ -326,22 +317,15 @@ def _bwd_launches(dy2, x2, dh2, w, dx, eps: float, compute_dw: bool, n_sms: int)
     return stats_launch, main, (partial if compute_dw else None)
 
 
-def _run(launch: Launch) -> None:
-    # Triton launches on the current device; the tensors' device must be current.
-    device = launch.args["X"].device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
-
-
 def _forward(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float):
     _check(x, weight, residual)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
     if x.numel() > 0:
-        x2 = _rows(x)
-        r2 = _rows(residual) if residual is not None else None
-        _run(_fwd_launch(x2, r2, weight.contiguous(), y.view(-1, x.shape[-1]),
-                         h.view(-1, x.shape[-1]) if h is not None else None, eps))
+        x2 = as_rows(x)
+        r2 = as_rows(residual) if residual is not None else None
+        _fwd_launch(x2, r2, weight.contiguous(), y.view(-1, x.shape[-1]),
+                    h.view(-1, x.shape[-1]) if h is not None else None, eps).run()
     return y, h
 
 
@@ -382,12 +366,12 @@ def rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     if x.numel() == 0:
         dw = torch.zeros(n if compute_dweight else 0, dtype=weight.dtype, device=x.device)
         return dx, dw
-    stats_launch, main, partial = _bwd_launches(_rows(dy), _rows(x), _rows(dh) if dh is not None else None,
+    stats_launch, main, partial = _bwd_launches(as_rows(dy), as_rows(x), as_rows(dh) if dh is not None else None,
                                                 weight.contiguous(), dx.view(-1, n), eps, compute_dweight,
                                                 _num_sms(x.device))
     if stats_launch is not None:
-        _run(stats_launch)
-    _run(main)
+        stats_launch.run()
+    main.run()
     dw = partial.sum(0).to(weight.dtype) if compute_dweight else weight.new_empty(0)
     return dx, dw
 

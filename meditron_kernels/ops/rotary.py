@@ -15,15 +15,13 @@ writes each output byte once, and issues 128-bit accesses wherever alignment all
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import _validate as V
-from .._static import Launch
 from ..backend import register
-from ._common import cast_rtne, device_of, interpreting
+from ._common import Launch, cast_rtne, soft_bf16, unit_stride
 
 MAX_HEAD_DIM = 256
 
@@ -180,7 +178,7 @@ def rotary_config(n_heads_q: int, n_heads_k: int, head_dim: int) -> tuple[dict, 
 
 
 # ---------------------------------------------------------------------------- launcher
-def _launch(q, k, qo, ko, cos, sin, pos, interleaved: bool, conjugate: bool, soft_bf16: bool = False) -> Launch:
+def _launch(q, k, qo, ko, cos, sin, pos, interleaved: bool, conjugate: bool) -> Launch:
     """The launch that rotates q, k into qo, ko (tensors may be on the meta device for static checks)."""
     batch, seq, n_heads_q, head_dim = q.shape
     n_heads_k = k.shape[2]
@@ -203,7 +201,7 @@ def _launch(q, k, qo, ko, cos, sin, pos, interleaved: bool, conjugate: bool, sof
         # position_ids (1, seq) serve every sequence of the batch
         stride_pb=(pos.stride(0) if pos.shape[0] > 1 else 0) if has_pos else 0,
         stride_ps=pos.stride(1) if has_pos else 0,
-        INTERLEAVED=interleaved, CONJUGATE=conjugate, HAS_POS=has_pos, PER_TOKEN=per_token, SOFT_BF16=soft_bf16,
+        INTERLEAVED=interleaved, CONJUGATE=conjugate, HAS_POS=has_pos, PER_TOKEN=per_token, SOFT_BF16=soft_bf16(qo),
         **meta,
     )
     head_blocks = triton.cdiv(n_heads_q, meta["BLOCK_HQ"]) + triton.cdiv(n_heads_k, meta["BLOCK_HK"])
@@ -213,20 +211,11 @@ def _launch(q, k, qo, ko, cos, sin, pos, interleaved: bool, conjugate: bool, sof
     return Launch(name, _rotary_kernel, args, num_warps=num_warps, num_stages=1, grid=grid)
 
 
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    # The kernel vectorises along head_dim; a strided head_dim (rare: a transposed view, an
-    # expanded gradient) is copied once here instead of making every access scalar.
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
 def _rotate(q, k, cos, sin, pos, interleaved: bool, conjugate: bool):
-    q, k, cos, sin = (_unit_last_stride(t) for t in (q, k, cos, sin))
+    q, k, cos, sin = (unit_stride(t) for t in (q, k, cos, sin))
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    launch = _launch(q, k, qo, ko, cos, sin, pos, interleaved, conjugate, interpreting())
-    if qo.numel() + ko.numel() and launch.grid[0] and launch.grid[1]:
-        with device_of(q.device):
-            launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    _launch(q, k, qo, ko, cos, sin, pos, interleaved, conjugate).run()
     return qo, ko
 
 

@@ -18,7 +18,6 @@ product, and dout * u before the silu backward).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -26,9 +25,8 @@ import triton
 import triton.language as tl
 
 from .. import _validate as V
-from .._static import Launch
 from ..backend import register
-from ._common import cast_rtne, soft_bf16
+from ._common import Launch, as_rows, cast_rtne, soft_bf16
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -122,20 +120,6 @@ def swiglu_config(n_cols: int) -> Config:
 
 
 # ---------------------------------------------------------------------------- launchers
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (rows, N) with unit column stride: a view when the strides allow it, else
-    one deliberate copy (a column stride other than 1 would also defeat vector loads)."""
-    if t.dim() == 0:
-        t = t.reshape(1)
-    n = t.shape[-1]
-    if t.stride(-1) == 1:
-        try:
-            return t.view(-1, n)
-        except RuntimeError:
-            pass
-    return t.contiguous().view(-1, n)
-
-
 def _grid(n_rows: int, n_cols: int, cfg: Config) -> tuple[int]:
     return (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_cols, cfg.block_n),)
 
@@ -157,16 +141,9 @@ def _bwd_launch(do2, g2, u2, dg2, du2, name: str = "swiglu_bwd") -> Launch:
     return Launch(name, _swiglu_bwd_kernel, args, cfg.num_warps, cfg.num_stages, grid=_grid(n_rows, n, cfg))
 
 
-def _run(launch: Launch) -> None:
-    # Triton launches on the current device; the tensors' device must be current.
-    device = launch.args["G"].device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
-
-
 def _packed_halves(gate_up: torch.Tensor):
     """(..., 2F) -> gate, up as (rows, F) views of one (rows, 2F) tensor."""
-    v = _rows(gate_up)
+    v = as_rows(gate_up)
     f = v.shape[1] // 2
     return v[:, :f], v[:, f:]
 
@@ -182,8 +159,8 @@ def swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check(gate, "gate")
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if out.numel():
-        g2, u2 = _rows(gate), _rows(up)
-        _run(_fwd_launch(g2, u2, out.view(g2.shape)))
+        g2, u2 = as_rows(gate), as_rows(up)
+        _fwd_launch(g2, u2, out.view(g2.shape)).run()
     return out
 
 
@@ -199,8 +176,8 @@ def swiglu_backward_op(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor)
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     du = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if dg.numel():
-        g2 = _rows(gate)
-        _run(_bwd_launch(_rows(dout), g2, _rows(up), dg.view(g2.shape), du.view(g2.shape)))
+        g2 = as_rows(gate)
+        _bwd_launch(as_rows(dout), g2, as_rows(up), dg.view(g2.shape), du.view(g2.shape)).run()
     return dg, du
 
 
@@ -231,7 +208,7 @@ def swiglu_packed_op(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((*gate_up.shape[:-1], f), dtype=gate_up.dtype, device=gate_up.device)
     if out.numel():
         g2, u2 = _packed_halves(gate_up)
-        _run(_fwd_launch(g2, u2, out.view(g2.shape), "swiglu_packed_fwd"))
+        _fwd_launch(g2, u2, out.view(g2.shape), "swiglu_packed_fwd").run()
     return out
 
 
@@ -248,7 +225,7 @@ def swiglu_packed_backward_op(dout: torch.Tensor, gate_up: torch.Tensor) -> torc
     if dout.numel():
         g2, u2 = _packed_halves(gate_up)
         dg2, du2 = _packed_halves(dgu)
-        _run(_bwd_launch(_rows(dout), g2, u2, dg2, du2, "swiglu_packed_bwd"))
+        _bwd_launch(as_rows(dout), g2, u2, dg2, du2, "swiglu_packed_bwd").run()
     return dgu
 
 

@@ -3,7 +3,7 @@ each op and shape bucket.
 
 The tables are JSON files in this folder, one per device, named by the device's slug
 (``torch.cuda.get_device_name`` lower-cased, runs of other characters turned into ``-``:
-``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3.json``). ``python -m benchmarks.tune`` writes
+``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3.json``). ``python -m meditron_kernels.tuned`` writes
 one from a benchmark results file; scripts/gpu_validate.sh runs it on every GPU machine. A table
 looks like::
 

@@ -13,7 +13,7 @@ import torch
 import meditron_kernels as mk
 from meditron_kernels._static import ARCH_LIMITS, module_reports
 from meditron_kernels.ops import attention as A
-from helpers import assert_close_rule
+from helpers import MATRIX_DTYPES, assert_close_rule
 
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
@@ -62,7 +62,7 @@ def _check(q, k, v, **kw):
     (1, 19, 2, 1, 96),  # head_dim padded to 128
     (1, 17, 2, 2, 128),
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", MATRIX_DTYPES)
 def test_batched(b, s, h, hkv, d, causal, dtype):
     _check(*_inputs((b, s), h, hkv, d, dtype), causal=causal)
 
@@ -110,7 +110,7 @@ def test_empty_sequence():
 
 # ---------------------------------------------------------------------------- packed documents
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", MATRIX_DTYPES)
 def test_packed_documents(causal, dtype):
     lengths = [5, 1, 37, 1, 20, 3]
     q, k, v = _inputs((sum(lengths),), 8, 2, 32, dtype)

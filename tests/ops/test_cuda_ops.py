@@ -311,28 +311,9 @@ def test_direct_op_calls_check_their_inputs():
 def test_opcheck():
     from torch.library import opcheck
 
-    ops = torch.ops.meditron_kernels
-    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, device=DEV, requires_grad=True)
-    r = torch.randn_like(x, requires_grad=True)
-    w = torch.randn(64, device=DEV, requires_grad=True)
-    q = torch.randn(2, 7, 8, 64, dtype=torch.float16, device=DEV, requires_grad=True)
-    k = torch.randn(2, 7, 2, 64, dtype=torch.float16, device=DEV, requires_grad=True)
-    cos, sin = mk.rotary_cos_sin(16, 64, device=DEV)
-    pos = torch.randint(0, 16, (2, 7), device=DEV)
-    g = torch.randn(4, 96, device=DEV, requires_grad=True)
-    u = torch.randn(4, 96, device=DEV, requires_grad=True)
-    gu = torch.randn(4, 192, device=DEV, requires_grad=True)
-    for op, args in [
-        (ops.cuda_rms_norm_fwd, (x, w, 1e-5)),
-        (ops.cuda_rms_norm_residual_fwd, (x, r, w, 1e-5)),
-        (ops.cuda_rms_norm_bwd, (x.detach(), x.detach(), w.detach(), r.detach(), 1e-5, True)),
-        (ops.cuda_apply_rotary, (q, k, cos, sin, pos, False, False)),
-        (ops.cuda_apply_rotary, (q, k, cos, sin, None, True, True)),
-        (ops.cuda_swiglu_fwd, (g, u)),
-        (ops.cuda_swiglu_bwd, (g.detach(), g.detach(), u.detach())),
-        (ops.cuda_swiglu_packed_fwd, (gu,)),
-        (ops.cuda_swiglu_packed_bwd, (g.detach(), gu.detach())),
-    ]:
+    from meditron_kernels import _cuda_ext
+
+    for op, args in _cuda_ext.opcheck_cases(DEV):
         opcheck(op, args)
 
 

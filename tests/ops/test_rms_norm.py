@@ -6,9 +6,10 @@ import torch
 
 import meditron_kernels as mk
 from meditron_kernels._static import module_reports
-from helpers import assert_close_rule
+from helpers import assert_close_rule, assert_static_clean
 from meditron_kernels import reference as R
 from meditron_kernels.ops import rms_norm as ops
+from meditron_kernels.ops._common import as_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -92,7 +93,7 @@ def test_strided_inputs_and_gradients(layout):
         base_x = torch.randn(2, 19, hidden + 24, dtype=torch.float16)
         base_r = torch.randn(2, 19, hidden + 40, dtype=torch.float16)
         x, r = base_x[..., :hidden], base_r[..., 8:8 + hidden]
-        assert ops._rows(x).data_ptr() == x.data_ptr()
+        assert as_rows(x).data_ptr() == x.data_ptr()
     else:
         # leading dims that cannot be merged into rows: copied once
         def prepare(t):
@@ -245,8 +246,5 @@ def test_static_launches_use_the_runtime_config():
 @pytest.mark.parametrize("name", [launch.name for launch in ops.static_launches()])
 def test_static_compile(static_reports, name, cc):
     rep = static_reports[f"{name}@{cc}"]
-    assert rep["spill_bytes"] == 0 and rep["stack_bytes"] == 0, rep
-    assert rep["shared_bytes"] <= rep["shared_limit"], rep
-    assert rep["blocks_per_sm"] >= 1, rep
     # bf16 rows of 4096+ elements with 16-byte aligned strides: every stream is read 16 bytes at a time
-    assert rep["vector_load_bits"] == 128, rep
+    assert_static_clean(rep)

@@ -6,7 +6,7 @@ import torch
 from meditron_kernels._static import module_reports
 import meditron_kernels as mk
 from meditron_kernels.ops import rotary
-from tests.helpers import assert_close_rule
+from tests.helpers import assert_close_rule, assert_static_clean
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (batch, seq, n_heads, n_kv_heads, head_dim, with position_ids): seq 1, 37, 97; GQA ratios 1, 4,
@@ -273,6 +273,7 @@ def test_bad_inputs_raise_before_launch(monkeypatch, case, err, match):
         mk.apply_rotary(q, k, cos, sin, pos, backend="triton")
 
 
+@pytest.mark.cpu_only
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, cos, sin, _ = _inputs(1, 4, 2, 1, 64, torch.float32, False)
@@ -319,6 +320,4 @@ def test_static_compile(cc, rotary_reports):
         f"rotary_{layout}{angles}_{way}" for layout in ("half", "interleaved") for angles in ("", "_per_token")
         for way in ("fwd", "bwd")}
     for rec in reports:
-        assert rec["spill_bytes"] == 0 and rec["stack_bytes"] == 0, rec
-        assert rec["shared_bytes"] <= rec["shared_limit"], rec
-        assert rec["vector_load_bits"] == 128, rec  # 16-byte aligned bf16 rows: 8 elements per load
+        assert_static_clean(rec)  # 16-byte aligned bf16 rows: 8 elements per load

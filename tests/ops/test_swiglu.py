@@ -6,8 +6,9 @@ import torch
 
 import meditron_kernels as mk
 from meditron_kernels._static import module_reports
-from helpers import assert_close_rule
+from helpers import assert_close_rule, assert_static_clean
 from meditron_kernels.ops import swiglu as ops
+from meditron_kernels.ops._common import as_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -71,7 +72,7 @@ def test_strided_inputs_and_gradient(layout):
         # the halves of an unpacked buffer, read through their row stride without a copy
         buf = torch.randn(2, 9, 2 * ffn + 16, dtype=torch.float16)
         gate, up = buf[..., :ffn], buf[..., ffn + 16:]
-        assert ops._rows(gate).data_ptr() == gate.data_ptr()
+        assert as_rows(gate).data_ptr() == gate.data_ptr()
     else:
         # leading dims that cannot be merged: copied once
         gate = torch.randn(9, 2, ffn, dtype=torch.float16).transpose(0, 1)
@@ -202,8 +203,5 @@ def static_reports():
 @pytest.mark.parametrize("name", [launch.name for launch in ops.static_launches()])
 def test_static_compile(static_reports, name, cc):
     rep = static_reports[f"{name}@{cc}"]
-    assert rep["spill_bytes"] == 0 and rep["stack_bytes"] == 0, rep
-    assert rep["shared_bytes"] <= rep["shared_limit"], rep
-    assert rep["blocks_per_sm"] >= 1, rep
     # ffn 28672 in bf16, both halves of the packed tensor 16-byte aligned: 128-bit loads throughout
-    assert rep["vector_load_bits"] == 128, rep
+    assert_static_clean(rep)
