@@ -116,19 +116,30 @@ def _attention_layouts(q, cu_seqlens, position_ids):
     return out
 
 
+def _key_layouts(t, cu_seqlens_k, seqlens_k):
+    """Placements of cu_seqlens_k (offsets: replicated) and seqlens_k (one per sequence: follows a
+    batch split) for a q/k/v placement t."""
+    return _opt(cu_seqlens_k, Replicate()), _opt(seqlens_k, t if t == Shard(0) else Replicate())
+
+
 @register_sharding(_ops.triton_flash_attention_fwd.default)
-def _attention_fwd_rule(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
+def _attention_fwd_rule(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
+                        cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
     rules = []
     for t, lse, pos, cu in _attention_layouts(q, cu_seqlens, position_ids):
         tables = _opt(cos, Replicate())
-        rules.append(([t, lse], [t, t, t, None, None, cu, None, tables, tables, pos]))
+        cu_k, lens = _key_layouts(t, cu_seqlens_k, seqlens_k)
+        rules.append(([t, lse], [t, t, t, None, None, cu, None, tables, tables, pos, cu_k, None, lens]))
     return rules
 
 
 @register_sharding(_ops.triton_flash_attention_bwd.default)
-def _attention_bwd_rule(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids):
+def _attention_bwd_rule(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
+                        dlse=None, cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
     rules = []
     for t, lse_p, pos, cu in _attention_layouts(q, cu_seqlens, position_ids):
         tables = _opt(cos, Replicate())
-        rules.append(([t, t, t], [t, t, t, t, t, lse_p, None, None, cu, None, tables, tables, pos]))
+        cu_k, lens = _key_layouts(t, cu_seqlens_k, seqlens_k)
+        rules.append(([t, t, t], [t, t, t, t, t, lse_p, None, None, cu, None, tables, tables, pos,
+                                  _opt(dlse, lse_p), cu_k, None, lens]))
     return rules

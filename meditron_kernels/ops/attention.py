@@ -1531,14 +1531,19 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k, max_seqlen_k,
      seqlens_k) = inputs
     o, lse = output
+    # an unused log-sum-exp then reaches the backward as None, not as zeros: nothing to add, and no
+    # plain-tensor zeros beside DTensor inputs under tensor parallelism
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cos, sin, position_ids, cu_seqlens_k, seqlens_k)
     ctx.causal, ctx.softmax_scale, ctx.max_seqlen, ctx.max_seqlen_k = causal, softmax_scale, max_seqlen, max_seqlen_k
 
 
 def _backward(ctx, do, dlse):
-    # dlse: None or zeros when the caller did not use the log-sum-exp (the public API returns it
-    # only with return_lse=True)
+    # dlse: None when the caller did not use the log-sum-exp (the public API returns it only with
+    # return_lse=True); do: None when only the log-sum-exp was used
     q, k, v, o, lse, cu_seqlens, cos, sin, position_ids, cu_seqlens_k, seqlens_k = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
     dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, cu_seqlens, ctx.max_seqlen, cos, sin,
                          position_ids, dlse, cu_seqlens_k, ctx.max_seqlen_k, seqlens_k)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
