@@ -60,3 +60,43 @@ def assert_static_clean(rep: dict, vector_load_bits: int = 128) -> None:
     assert rep["shared_bytes"] <= rep["shared_limit"], rep
     assert rep["blocks_per_sm"] >= 1, rep
     assert rep["vector_load_bits"] == vector_load_bits, rep
+
+
+# ---------------------------------------------------------------------------- trainer and tokenizer fixtures
+def tiny_run_config(out_dir, steps: int, checkpoint_interval: int, decay_steps: int | None = None):
+    """The default tiny model on the bundled corpus at 2 x 32 tokens per step, logging every step,
+    no evaluation: a few seconds per run."""
+    from train.config import Config
+
+    cfg = Config()
+    cfg.out_dir = str(out_dir)
+    t = cfg.training
+    t.steps, t.micro_batch, t.global_batch, t.seq_len, t.warmup_steps = steps, 2, 2, 32, 1
+    if decay_steps is not None:
+        t.decay_steps = decay_steps
+    cfg.metrics.log_interval = 1
+    cfg.checkpoint.interval = checkpoint_interval
+    cfg.eval.interval = 0
+    return cfg
+
+
+def build_tokenizer_files(d, text: list[str], sp_vocab: int, bpe_vocab: int) -> dict[str, str]:
+    """A sentencepiece .model and an HF tokenizer.json trained offline on ``text`` in folder ``d``
+    (ids 0, 1, 2 = unk, bos, eos in both) -> {"sentencepiece": path, "hf": path}."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    (d / "train.txt").write_text("\n".join(text))
+    # identity normalisation and byte fallback: decode(encode(s)) == s for any text
+    spm.SentencePieceTrainer.train(input=str(d / "train.txt"), model_prefix=str(d / "sp"), vocab_size=sp_vocab,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, add_dummy_prefix=False, minloglevel=2)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=bpe_vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    bpe.save(str(d / "tokenizer.json"))
+    return {"sentencepiece": str(d / "sp.model"), "hf": str(d / "tokenizer.json")}

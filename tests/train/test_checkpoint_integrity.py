@@ -10,16 +10,11 @@ from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.trainer import run
 
+from tests.helpers import tiny_run_config
+
 
 def tiny(out_dir, steps=4) -> Config:
-    cfg = Config()
-    cfg.out_dir = str(out_dir)
-    t = cfg.training
-    t.steps, t.micro_batch, t.global_batch, t.seq_len, t.warmup_steps, t.decay_steps = steps, 2, 2, 32, 1, 6
-    cfg.metrics.log_interval = 1
-    cfg.checkpoint.interval = 2
-    cfg.eval.interval = 0
-    return cfg
+    return tiny_run_config(out_dir, steps, checkpoint_interval=2, decay_steps=6)
 
 
 @pytest.fixture(scope="module")

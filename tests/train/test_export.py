@@ -8,29 +8,16 @@ import pytest
 
 from train.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
 
+from tests.helpers import build_tokenizer_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE = "Metformin 500 mg twice daily.\nHéllo wörld 😀 two  spaces\ttab "
 
 
 @pytest.fixture(scope="module")
 def tokenizer_files(tmp_path_factory):
-    import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    d = tmp_path_factory.mktemp("tok")
     text = [f"patient {i} takes {i % 7} tablets of drug {chr(97 + i % 26)} daily" for i in range(300)]
-    (d / "train.txt").write_text("\n".join(text))
-    spm.SentencePieceTrainer.train(input=str(d / "train.txt"), model_prefix=str(d / "sp"), vocab_size=300,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-                                   eos_id=2, pad_id=-1, minloglevel=2)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                      show_progress=False))
-    bpe.save(str(d / "tokenizer.json"))
-    return {"sentencepiece": str(d / "sp.model"), "hf": str(d / "tokenizer.json")}
+    return build_tokenizer_files(tmp_path_factory.mktemp("tok"), text, sp_vocab=300, bpe_vocab=300)
 
 
 @pytest.mark.parametrize("kind", ["byte", "sentencepiece", "hf"])

@@ -12,6 +12,8 @@ import pytest
 from train.config import Config
 from train.trainer import Hooks, TrainingInterrupted, run
 
+from tests.helpers import tiny_run_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--steps", "5", "--training.seq_len=64", "--training.micro_batch=2", "--training.global_batch=2",
         "--training.warmup_steps=1", "--metrics.log_interval=1", "--checkpoint.interval=0", "--eval.interval=0"]
@@ -24,14 +26,7 @@ def read_metrics(out_dir):
 
 
 def tiny(out_dir, steps=5) -> Config:
-    cfg = Config()
-    cfg.out_dir = str(out_dir)
-    t = cfg.training
-    t.steps, t.micro_batch, t.global_batch, t.seq_len, t.warmup_steps = steps, 2, 2, 32, 1
-    cfg.metrics.log_interval = 1
-    cfg.checkpoint.interval = 0
-    cfg.eval.interval = 0
-    return cfg
+    return tiny_run_config(out_dir, steps, checkpoint_interval=0)
 
 
 @pytest.fixture(scope="module")

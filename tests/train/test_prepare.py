@@ -17,6 +17,8 @@ from train.data import Corpus, ShardError, load_shard, write_shard
 from train.prepare import PrepareError, main, prepare
 from train.tokenizer import ByteTokenizer, load_tokenizer
 
+from tests.helpers import build_tokenizer_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRICKY = ["", "x", "two\nlines\n\nand a blank one", "Unicode: é ü 😀 中文 \u2028 done", "tab\tand  spaces ",
           '{"looks": "like json"}', "a" * 5000]
@@ -353,25 +355,8 @@ def test_cli_error_names_the_file(tmp_path, capsys):
 # ------------------------------------------------------------------------ real tokenizers, built offline
 @pytest.fixture(scope="module")
 def tokenizer_files(tmp_path_factory):
-    import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    d = tmp_path_factory.mktemp("tok")
     text = bundled.documents("guidelines", 0, 150) + bundled.documents("replay", 0, 50)
-    (d / "train.txt").write_text("\n".join(text))
-    # identity normalisation and byte fallback: decode(encode(s)) == s for any text
-    spm.SentencePieceTrainer.train(input=str(d / "train.txt"), model_prefix=str(d / "sp"), vocab_size=600,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-                                   eos_id=2, pad_id=-1, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, add_dummy_prefix=False, minloglevel=2)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                      show_progress=False))
-    bpe.save(str(d / "tokenizer.json"))
-    return {"sentencepiece": str(d / "sp.model"), "hf": str(d / "tokenizer.json")}
+    return build_tokenizer_files(tmp_path_factory.mktemp("tok"), text, sp_vocab=600, bpe_vocab=500)
 
 
 SAMPLE = "Metformin 500 mg twice daily.\nHéllo wörld 😀 中文  two  spaces\ttab "
