@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import meditron_kernels as mk
+from meditron_kernels.ops._common import Launch
 from meditron_kernels._static import module_reports
 from helpers import assert_close_rule, assert_static_clean
 from meditron_kernels import reference as R
@@ -171,7 +172,7 @@ def test_hidden_above_limit_raises_before_any_launch(monkeypatch):
     def no_launch(launch):
         raise AssertionError(f"{launch.name} was launched")
 
-    monkeypatch.setattr(ops, "_run", no_launch)
+    monkeypatch.setattr(Launch, "run", no_launch)
     n = ops.MAX_HIDDEN + 1
     with pytest.raises(ValueError, match="hidden sizes up to 65536"):
         mk.rms_norm(torch.randn(1, n), torch.randn(n), backend="triton")

@@ -55,6 +55,16 @@ def single(out_dir, *args, resume=False):
     return run(cfg, resume=resume, progress=False)
 
 
+def assert_same_weights(name, p, q) -> None:
+    """Weights agree to REL in norm. AdamW moves an element by about lr whatever the size of its
+    gradient, so where a gradient is a cancellation near zero, the layouts' different fp32
+    summation orders move that element differently (measured: 16 of 16384 elements of an attention
+    output projection, by up to 2.8e-7 after one step, 1.4e-4 of lr). Such sparse noise is ~1e-6
+    of the weights' norm; a wrong shard, a skipped or doubled step or one element off by a learning
+    rate is more than 1e-3 of it."""
+    assert (p - q).norm() <= REL * p.norm(), name
+
+
 def assert_same_curve(rows, ref, steps=None):
     steps = steps or [r["step"] for r in ref]
     by_step = {r["step"]: r for r in rows}
@@ -183,7 +193,7 @@ def test_resume_tp2_pp2_checkpoint_in_one_process(world4, reference, tmp_path):
     a = load_model(str(reference[0] / "checkpoints" / "step_00000004"))
     b = load_model(str(out / "checkpoints" / "step_00000004"))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert (p - q).abs().max() <= REL * p.abs().max(), name
+        assert_same_weights(name, p, q)
 
 
 @pytest.mark.distributed
@@ -197,7 +207,7 @@ def test_export_from_distributed_checkpoint(world4, reference, tmp_path):
     exported = Llama.from_hf(tmp_path / "hf")
     ref = load_model(str(reference[0] / "checkpoints" / "step_00000004"))
     for (name, p), q in zip(ref.named_parameters(), exported.parameters()):
-        assert (p - q).abs().max() <= REL * p.abs().max(), name
+        assert_same_weights(name, p, q)
 
 
 # ---------------------------------------------------------------------------- world 8
