@@ -1,6 +1,6 @@
 """meditron_kernels.transformers: patched transformers models against the unpatched ones.
 
-Tiny models built from configs. The accuracy rule (CONVENTIONS of the ops) at model level: the
+Tiny models built from configs. The accuracy rule (docs/design.md, "Accuracy rule") at model level: the
 patched fp32 model's error against the unpatched model in float64 is at most 2x (3x for
 gradients) the unpatched fp32 model's own error, plus a tiny atol.
 """
