@@ -152,6 +152,38 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu(gate, up)
 
 
+@register("geglu", "torch")
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up, elementwise, in the input dtype (Gemma's MLP)."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
+@register("geglu_packed", "torch")
+def geglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (..., 2 * ffn) = [gate | up] -> (..., ffn)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return geglu(gate, up)
+
+
+# ---------------------------------------------------------------------------- xIELU
+@register("xielu", "torch")
+def xielu(x: torch.Tensor, alpha_p: torch.Tensor, alpha_n: torch.Tensor, beta: float = 0.5,
+          eps: float = -1e-6) -> torch.Tensor:
+    """Apertus's activation, from transformers' raw parameters: x (...), alpha_p, alpha_n (1,) -> (...).
+
+    a_p = softplus(alpha_p), a_n = beta + softplus(alpha_n);
+    y = a_p x^2 + beta x for x > 0, else a_n (expm1(min(x, eps)) - x) + beta x.
+    In float32 for 16-bit x (transformers computes in x's dtype), rounded once.
+    """
+    xf = _acc(x)
+    a_p = F.softplus(alpha_p.to(xf.dtype).reshape(()))  # 0-d: y keeps x's shape, even a 0-d x's
+    a_n = beta + F.softplus(alpha_n.to(xf.dtype).reshape(()))
+    pos = a_p * xf * xf + beta * xf
+    # torch.minimum, as transformers: at a tie x == eps each side takes half the gradient
+    neg = a_n * (torch.expm1(torch.minimum(xf, xf.new_tensor(eps))) - xf) + beta * xf
+    return torch.where(xf > 0, pos, neg).to(x.dtype)
+
+
 # ---------------------------------------------------------------------------- attention
 def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """(total,) int64: each packed token's position inside its own document."""
