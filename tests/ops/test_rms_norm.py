@@ -193,6 +193,21 @@ def test_offset_is_gemma3_rmsnorm(backend):
             assert ((a.float() - b.float()).abs() <= 2 ** -7 * b.float().abs() + 1e-6).all()
 
 
+def test_offset_compiles_fullgraph():
+    def f(x, r, w):
+        return mk.rms_norm(x, w, EPS, residual=r, offset=1.0, backend="triton")
+
+    args = [torch.randn(6, 96, requires_grad=True), torch.randn(6, 96, requires_grad=True),
+            torch.randn(96, dtype=torch.float16).float().requires_grad_()]
+    grads = [torch.randn(6, 96), torch.randn(6, 96)]
+    torch._dynamo.reset()
+    eager, comp = f(*args), torch.compile(f, fullgraph=True)(*args)
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(eager, args, grads), torch.autograd.grad(comp, args, grads)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_offset_bad_input():
     with pytest.raises(TypeError, match="offset must be a float"):
         mk.rms_norm(torch.randn(2, 8), torch.randn(8), offset="1")
