@@ -42,7 +42,7 @@ _GELU_CUBIC = tl.constexpr(0.044715)
 @triton.jit
 def _act_fwd(g, ACT: tl.constexpr):
     """float32 act(g). gelu_tanh(g) = g * (1 + tanh(z)) / 2 = g * sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3):
-    one exp, no tanh (absent from the interpreter), and exact limits: exp overflows to inf (-> -0) for very
+    one exp, no tanh (triton.language has none; libdevice's is GPU-only), and exact limits: exp overflows to inf (-> -0) for very
     negative g and underflows to 0 (-> g) for large g."""
     if ACT == _GELU_TANH:
         z2 = _TWO_SQRT_2_OVER_PI * (g + _GELU_CUBIC * g * g * g)
