@@ -9,13 +9,14 @@ writes its bytes/FLOPs model in its docstring; :mod:`benchmarks.common` times th
 """
 from __future__ import annotations
 
-from . import bench_attention, bench_cross_entropy, bench_rms_norm, bench_rotary, bench_swiglu
+from . import (bench_attention, bench_cross_entropy, bench_geglu, bench_rms_norm, bench_rotary, bench_swiglu,
+               bench_xielu)
 from .common import Case
 
 # In the order they run: the cheap memory-bound ops first, attention last.
-MODULES = (bench_rms_norm, bench_swiglu, bench_rotary, bench_cross_entropy, bench_attention)
-OPS = ("rms_norm", "swiglu", "swiglu_packed", "apply_rotary", "cross_entropy", "fused_linear_cross_entropy",
-       "flash_attention")
+MODULES = (bench_rms_norm, bench_swiglu, bench_geglu, bench_xielu, bench_rotary, bench_cross_entropy, bench_attention)
+OPS = ("rms_norm", "swiglu", "swiglu_packed", "geglu", "geglu_packed", "xielu", "apply_rotary", "cross_entropy",
+       "fused_linear_cross_entropy", "flash_attention")
 ALIASES = {"rotary": "apply_rotary", "rope": "apply_rotary", "attention": "flash_attention", "ce": "cross_entropy",
            "flce": "fused_linear_cross_entropy", "linear_cross_entropy": "fused_linear_cross_entropy"}
 SIZES = ("full", "quick", "cpu", "smoke")

@@ -19,17 +19,20 @@ from .reference import rotary_cos_sin as _rotary_cos_sin
 __version__ = "0.1.0"
 
 __all__ = [
-    "rms_norm", "rotary_cos_sin", "apply_rotary", "swiglu", "swiglu_packed", "flash_attention",
+    "rms_norm", "rotary_cos_sin", "apply_rotary", "swiglu", "swiglu_packed", "geglu", "geglu_packed", "xielu",
+    "flash_attention",
     "cross_entropy", "fused_linear_cross_entropy", "set_backend", "get_backend", "use_backend", "BACKENDS",
 ]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None,
-             *, backend: str | None = None):
+             *, offset: float = 0.0, backend: str | None = None):
     """RMSNorm with float32 statistics; with ``residual``, the fused pre-norm add.
 
     x (..., hidden), weight (hidden,) -> y (..., hidden) in x.dtype.
     With residual (same shape and dtype as x): h = x + residual, y = rms_norm(h); returns (y, h).
+    offset: y = x * rstd * (offset + weight), with offset + weight formed in float32. offset=1.0 is
+    Gemma's RMSNorm (weights stored as a deviation from 1, initialised to 0); 0.0 is Llama's.
     """
     V.floating(x, "x")
     V.floating(weight, "weight")
@@ -47,17 +50,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual:
             raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
         V.same_dtype(residual, "residual", x, "x")
         V.same_device(residual, "residual", x, "x")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise TypeError(f"offset must be a float, got {type(offset).__name__}")
+    if not math.isfinite(offset):
+        raise ValueError(f"offset must be finite, got {offset!r}")
+    if offset:
+        # Folded into a float32 weight, exactly Gemma's (1.0 + w.float()): every backend already takes
+        # a float32 weight with 16-bit x, so the fused kernels, their DTensor rules and the gradient
+        # (d(offset + w)/dw = 1, cast back to weight's dtype by autograd) are unchanged. It costs one
+        # (hidden,) op, 1 / rows of the norm's own traffic.
+        weight = weight.to(torch.promote_types(weight.dtype, torch.float32)) + offset
     return dispatch("rms_norm", backend, x.device)(x, weight, eps, residual)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=None):
-    """Rotary tables: -> cos, sin, each (seq_len, head_dim // 2) float32."""
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=None, scaling: dict | None = None):
+    """Rotary tables: -> cos, sin, each (seq_len, head_dim // 2) float32.
+
+    scaling: transformers' ``rope_parameters`` (or legacy ``rope_scaling``) dict, computed exactly
+    as transformers does: ``{"rope_type": "default"}`` or None; ``"linear"`` with ``factor`` (Gemma 3's
+    global layers); ``"llama3"`` with ``factor``, ``low_freq_factor``, ``high_freq_factor`` and
+    ``original_max_position_embeddings`` (Llama 3.1-3.3). Their attention scaling is 1.0, so the tables
+    are plain cos and sin. Other types (yarn, longrope, dynamic, ...) raise a ValueError naming them.
+    A per-layer base (Gemma 3's local and global layers) is one call per base.
+    """
+    if isinstance(device, dict) and scaling is None:  # the contract's positional form (..., theta, scaling)
+        device, scaling = None, device
     V.positive_int(seq_len, "seq_len")
     V.positive_int(head_dim, "head_dim")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
     V.positive_float(theta, "theta")
-    return _rotary_cos_sin(seq_len, head_dim, theta, device)
+    V.rope_scaling(scaling, theta, reference.ROPE_TYPES)
+    return _rotary_cos_sin(seq_len, head_dim, theta, device, scaling)
 
 
 def _check_rotary_tables(cos, sin, head_dim: int, ref: torch.Tensor, n_positions: int | None):
@@ -137,6 +161,53 @@ def swiglu_packed(gate_up: torch.Tensor, *, backend: str | None = None) -> torch
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even (2 * ffn), got {gate_up.shape[-1]}")
     return dispatch("swiglu_packed", backend, gate_up.device)(gate_up)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """gelu_tanh(gate) * up for any matching shapes (Gemma's MLP; torch's gelu(approximate="tanh"))."""
+    V.floating(gate, "gate")
+    V.floating(up, "up")
+    if gate.shape != up.shape:
+        raise ValueError(f"gate has shape {tuple(gate.shape)} but up has {tuple(up.shape)}")
+    V.same_dtype(up, "up", gate, "gate")
+    V.same_device(up, "up", gate, "gate")
+    return dispatch("geglu", backend, gate.device)(gate, up)
+
+
+def geglu_packed(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """GeGLU on the output of one fused gate|up GEMM: gate_up (..., 2 * ffn) = [gate | up] -> (..., ffn)."""
+    V.floating(gate_up, "gate_up")
+    V.ndim(gate_up, "gate_up", tuple(range(1, 9)), "(..., 2 * ffn)")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim must be even (2 * ffn), got {gate_up.shape[-1]}")
+    return dispatch("geglu_packed", backend, gate_up.device)(gate_up)
+
+
+def xielu(x: torch.Tensor, alpha_p: torch.Tensor, alpha_n: torch.Tensor, beta: float = 0.5, eps: float = -1e-6, *,
+          backend: str | None = None) -> torch.Tensor:
+    """xIELU, Apertus's activation, with transformers' parameters as its checkpoints store them.
+
+    x (...) -> (...) in x.dtype. alpha_p, alpha_n: the learned one-element tensors (XIELUActivation's
+    ``alpha_p``, ``alpha_n``, before their softplus), any float dtype, differentiable. beta, eps: the
+    module's fixed buffers as floats (``float(act.beta)``, ``float(act.eps)``).
+        a_p = softplus(alpha_p), a_n = beta + softplus(alpha_n)
+        y = a_p x^2 + beta x                        for x > 0
+        y = a_n (expm1(min(x, eps)) - x) + beta x   for x <= 0
+    Computed in float32 for 16-bit x and rounded once.
+    """
+    V.floating(x, "x")
+    for t, name in ((alpha_p, "alpha_p"), (alpha_n, "alpha_n")):
+        V.floating(t, name)
+        if t.numel() != 1:
+            raise ValueError(f"{name} must hold one element (XIELUActivation's ({1},) parameter), "
+                             f"got shape {tuple(t.shape)}")
+        V.same_device(t, name, x, "x")
+    for v, name in ((beta, "beta"), (eps, "eps")):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a float (e.g. float(act.{name})), got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v!r}")
+    return dispatch("xielu", backend, x.device)(x, alpha_p, alpha_n, float(beta), float(eps))
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

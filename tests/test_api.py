@@ -8,7 +8,7 @@ from meditron_kernels import backend as B
 
 def test_contract_names_exist():
     for name in ("rms_norm", "rotary_cos_sin", "apply_rotary", "swiglu", "flash_attention", "cross_entropy",
-                 "fused_linear_cross_entropy"):
+                 "fused_linear_cross_entropy", "geglu", "geglu_packed", "xielu"):
         assert callable(getattr(mk, name))
 
 

@@ -7,8 +7,8 @@ from meditron_kernels import backend as B
 from meditron_kernels import reference
 
 CPU = torch.device("cpu")
-PUBLIC_OPS = ("rms_norm", "apply_rotary", "swiglu", "swiglu_packed", "flash_attention", "cross_entropy",
-              "fused_linear_cross_entropy")
+PUBLIC_OPS = ("rms_norm", "apply_rotary", "swiglu", "swiglu_packed", "geglu", "geglu_packed", "xielu",
+              "flash_attention", "cross_entropy", "fused_linear_cross_entropy")
 
 
 def test_every_public_op_has_its_reference_registered():

@@ -61,3 +61,38 @@ def test_swiglu_module_calls_the_op(backend):
     want = torch.autograd.grad(expect, [x, *mlp.parameters()], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------- Gemma and Apertus pieces
+def test_offset_rms_norm_module_starts_at_scale_one():
+    from meditron_kernels.nn import RMSNorm
+
+    norm = RMSNorm(16, eps=1e-6, offset=1.0)
+    assert torch.equal(norm.weight.detach(), torch.zeros(16))  # Gemma's storage: a deviation from 1
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(norm(x), mk.rms_norm(x, torch.ones(16), 1e-6), rtol=0, atol=0)
+    assert "offset=1.0" in repr(norm)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_geglu_and_xielu_modules_call_the_ops(backend):
+    from transformers.activations import XIELUActivation
+
+    from meditron_kernels.nn import XIELU, GeGLU, XIELUMLP
+
+    mlp = GeGLU(24, 40, backend=backend)
+    x = torch.randn(2, 5, 24)
+    expect = F.linear(F.gelu(F.linear(x, mlp.w1.weight), approximate="tanh") * F.linear(x, mlp.w3.weight),
+                      mlp.w2.weight)
+    torch.testing.assert_close(mlp(x), expect)
+    # initialised as transformers' XIELUActivation, and the same function of x with its parameters
+    act, hf = XIELU(backend=backend), XIELUActivation(dtype=torch.float32)
+    assert [n for n, _ in act.named_parameters()] == ["alpha_p", "alpha_n"]
+    torch.testing.assert_close(act.alpha_p, hf.alpha_p)
+    torch.testing.assert_close(act.alpha_n, hf.alpha_n)
+    torch.testing.assert_close(act(x), hf(x))
+    xmlp = XIELUMLP(24, 40, backend=backend)
+    torch.testing.assert_close(xmlp(x), F.linear(hf(F.linear(x, xmlp.w1.weight)), xmlp.w2.weight))
+    out = xmlp(x.requires_grad_())
+    out.sum().backward()
+    assert all(p.grad is not None for p in xmlp.parameters())

@@ -86,6 +86,23 @@ def test_swiglu_formula_and_packed():
     assert torch.allclose(mk.swiglu_packed(torch.cat([g, u], -1)), expect, atol=1e-12)
 
 
+def test_geglu_formula_and_packed():
+    g, u = torch.randn(5, 33, dtype=D), torch.randn(5, 33, dtype=D)
+    expect = [0.5 * a * (1 + math.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3))) * b
+              for a, b in zip(g.flatten().tolist(), u.flatten().tolist())]
+    torch.testing.assert_close(mk.geglu(g, u).flatten(), torch.tensor(expect, dtype=D), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mk.geglu_packed(torch.cat([g, u], -1)), mk.geglu(g, u), rtol=0, atol=0)
+
+
+def test_xielu_formula():
+    alpha_p, alpha_n, beta, eps = 0.3, -0.7, 0.5, -1e-6
+    a_p, a_n = math.log1p(math.exp(alpha_p)), beta + math.log1p(math.exp(alpha_n))
+    x = torch.cat([3 * torch.randn(64, dtype=D), torch.tensor([0.0, -1e-7, -1e-6, -1e-3], dtype=D)])
+    expect = [a_p * v * v + beta * v if v > 0 else a_n * (math.expm1(min(v, eps)) - v) + beta * v for v in x.tolist()]
+    y = mk.xielu(x, torch.tensor([alpha_p], dtype=D), torch.tensor([alpha_n], dtype=D), beta, eps)
+    torch.testing.assert_close(y, torch.tensor(expect, dtype=D), rtol=1e-12, atol=1e-15)
+
+
 def _attention_loops(q, k, v, causal, scale, doc=None):
     # q (s, h, d); k, v (s, hkv, d): a row-by-row softmax with explicit head mapping
     s, h, d = q.shape

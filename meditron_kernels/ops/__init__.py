@@ -6,4 +6,4 @@ from ..backend import triton_available
 from . import cuda_rms_norm, cuda_rotary, cuda_swiglu  # noqa: F401
 
 if triton_available():
-    from . import attention, cross_entropy, rms_norm, rotary, swiglu  # noqa: F401
+    from . import attention, cross_entropy, geglu, rms_norm, rotary, swiglu, xielu  # noqa: F401

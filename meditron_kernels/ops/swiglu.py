@@ -15,6 +15,9 @@ copy is made in either direction.
 
 All arithmetic is float32 with one rounding at the end (torch rounds silu(g) before the
 product, and dout * u before the silu backward).
+
+The kernels take the gate's activation as a constexpr: ops/geglu.py launches the same kernels
+with GELU_TANH for GeGLU, gelu_tanh(gate) * up (Gemma's MLP), at the same bytes per element.
 """
 from __future__ import annotations
 
@@ -30,6 +33,41 @@ from ._common import Launch, as_rows, cast_rtne, soft_bf16
 
 
 # ---------------------------------------------------------------------------- kernels
+SILU, GELU_TANH = 0, 1  # the ACT constexpr: the gate's activation (ops/geglu.py launches GELU_TANH)
+_GELU_TANH = tl.constexpr(GELU_TANH)
+_TWO_SQRT_2_OVER_PI = tl.constexpr(2 * 0.7978845608028654)  # 2 sqrt(2 / pi)
+_GELU_CUBIC = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _act_fwd(g, ACT: tl.constexpr):
+    """float32 act(g). gelu_tanh(g) = g * (1 + tanh(z)) / 2 = g * sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3):
+    one exp, no tanh (triton.language has none; libdevice's is GPU-only), and exact limits: exp overflows to inf (-> -0) for very
+    negative g and underflows to 0 (-> g) for large g."""
+    if ACT == _GELU_TANH:
+        z2 = _TWO_SQRT_2_OVER_PI * (g + _GELU_CUBIC * g * g * g)
+        return g / (1.0 + tl.exp(-z2))
+    else:
+        return g / (1.0 + tl.exp(-g))
+
+
+@triton.jit
+def _act_bwd(g, ACT: tl.constexpr):
+    """float32 act(g) and act'(g) as a product of two factors s * t, s the sigmoid: exp(-x) overflows
+    to inf for x < -88, s is then exactly 0 and so is the gradient."""
+    if ACT == _GELU_TANH:
+        z2 = _TWO_SQRT_2_OVER_PI * (g + _GELU_CUBIC * g * g * g)
+        s = 1.0 / (1.0 + tl.exp(-z2))
+        # d/dg g s(z2) = s (1 + g (1 - s) dz2/dg). Beyond |g| = 100, s is exactly 0 or 1 in float32, so
+        # the second term is 0: g is clamped there to keep g^3 (inf from |g| ~ 1e13 on) out of 0 * inf.
+        gc = tl.minimum(tl.maximum(g, -100.0), 100.0)
+        t = 1.0 + gc * (1.0 - s) * (_TWO_SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * gc * gc))
+    else:
+        s = 1.0 / (1.0 + tl.exp(-g))
+        t = 1.0 + g * (1.0 - s)
+    return g * s, s, t
+
+
 @triton.jit
 def _tile(n_rows, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's (BLOCK_M, BLOCK_N) tile: int64 row indices, column indices and the bounds
@@ -55,13 +93,14 @@ def _swiglu_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile
     SOFT_BF16: tl.constexpr,  # bfloat16 output under the interpreter: see _common.cast_rtne
+    ACT: tl.constexpr,  # the gate's activation: SILU (SwiGLU) or GELU_TANH (GeGLU)
 ):
     rows, cols, mask = _tile(n_rows, N, BLOCK_M, BLOCK_N)
     # float32 before any arithmetic: the precision we want, and the only correct form for
     # bfloat16 under the Triton interpreter.
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = g / (1.0 + tl.exp(-g)) * u
+    out = _act_fwd(g, ACT) * u
     tl.store(O + rows[:, None] * N + cols[None, :], cast_rtne(out, O.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
@@ -82,15 +121,15 @@ def _swiglu_bwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile
     SOFT_BF16: tl.constexpr,  # bfloat16 output under the interpreter: see _common.cast_rtne
+    ACT: tl.constexpr,  # the gate's activation: SILU (SwiGLU) or GELU_TANH (GeGLU)
 ):
     rows, cols, mask = _tile(n_rows, N, BLOCK_M, BLOCK_N)
     do = tl.load(DO + rows[:, None] * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    # exp(-g) overflows to inf for g < -88: sig is then exactly 0 and both gradients exactly 0.
-    sig = 1.0 / (1.0 + tl.exp(-g))
-    du = do * (g * sig)
-    dg = do * u * sig * (1.0 + g * (1.0 - sig))
+    a, s, t = _act_bwd(g, ACT)
+    du = do * a
+    dg = do * u * s * t
     tl.store(DG + rows[:, None] * stride_dg + cols[None, :], cast_rtne(dg, DG.dtype.element_ty, SOFT_BF16), mask=mask)
     tl.store(DU + rows[:, None] * stride_du + cols[None, :], cast_rtne(du, DU.dtype.element_ty, SOFT_BF16), mask=mask)
 
@@ -124,20 +163,20 @@ def _grid(n_rows: int, n_cols: int, cfg: Config) -> tuple[int]:
     return (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_cols, cfg.block_n),)
 
 
-def _fwd_launch(g2, u2, out2, name: str = "swiglu_fwd") -> Launch:
+def _fwd_launch(g2, u2, out2, name: str = "swiglu_fwd", act: int = SILU) -> Launch:
     n_rows, n = g2.shape
     cfg = swiglu_config(n)
     args = dict(G=g2, U=u2, O=out2, stride_g=g2.stride(0), stride_u=u2.stride(0), n_rows=n_rows, N=n,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SOFT_BF16=soft_bf16(g2))
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SOFT_BF16=soft_bf16(g2), ACT=act)
     return Launch(name, _swiglu_fwd_kernel, args, cfg.num_warps, cfg.num_stages, grid=_grid(n_rows, n, cfg))
 
 
-def _bwd_launch(do2, g2, u2, dg2, du2, name: str = "swiglu_bwd") -> Launch:
+def _bwd_launch(do2, g2, u2, dg2, du2, name: str = "swiglu_bwd", act: int = SILU) -> Launch:
     n_rows, n = g2.shape
     cfg = swiglu_config(n)
     args = dict(DO=do2, G=g2, U=u2, DG=dg2, DU=du2, stride_do=do2.stride(0), stride_g=g2.stride(0),
                 stride_u=u2.stride(0), stride_dg=dg2.stride(0), stride_du=du2.stride(0), n_rows=n_rows, N=n,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SOFT_BF16=soft_bf16(g2))
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SOFT_BF16=soft_bf16(g2), ACT=act)
     return Launch(name, _swiglu_bwd_kernel, args, cfg.num_warps, cfg.num_stages, grid=_grid(n_rows, n, cfg))
 
 

@@ -12,8 +12,8 @@ looks like::
                                     "ms": {"triton": 0.061, "cuda": 0.052}, "dtype": "bfloat16"}}}}
 
 The shape bucket of a call is the last dimension of the op's first argument (rms_norm: hidden;
-swiglu: ffn; swiglu_packed: 2 x ffn; apply_rotary and flash_attention: head_dim; cross_entropy:
-vocab; fused_linear_cross_entropy: dim), rounded up to a power of two. An op, bucket or device
+swiglu, geglu, xielu: ffn; swiglu_packed, geglu_packed: 2 x ffn; apply_rotary and flash_attention:
+head_dim; cross_entropy: vocab; fused_linear_cross_entropy: dim), rounded up to a power of two. An op, bucket or device
 without a measurement keeps the default: Triton with its own tile tables.
 """
 from __future__ import annotations
@@ -35,6 +35,9 @@ SIZE_FROM_DIMS = {
     "rms_norm": lambda d: d["hidden"],
     "swiglu": lambda d: d["ffn"],
     "swiglu_packed": lambda d: 2 * d["ffn"],
+    "geglu": lambda d: d["ffn"],
+    "geglu_packed": lambda d: 2 * d["ffn"],
+    "xielu": lambda d: d["ffn"],
     "apply_rotary": lambda d: d["head_dim"],
     "flash_attention": lambda d: d["head_dim"],
     "cross_entropy": lambda d: d["vocab"],

@@ -17,7 +17,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
 
 
-def _run_case(x, w, r, gy, gh, prepare=lambda t: t):
+def _run_case(x, w, r, gy, gh, prepare=lambda t: t, offset=0.0):
     """Forward and backward of the triton op, of torch in the same dtype and of the float64
     reference, on the same data; y and h both feed the loss, as in a pre-norm block where h is
     the next residual stream. -> {name: (triton, torch, reference)}."""
@@ -28,7 +28,8 @@ def _run_case(x, w, r, gy, gh, prepare=lambda t: t):
         xs = x.detach().to(cast or x.dtype).requires_grad_()
         ws = w.detach().to(cast or w.dtype).requires_grad_()
         rs = r.detach().to(cast or r.dtype).requires_grad_() if r is not None else None
-        out = mk.rms_norm(prepare(xs), ws, EPS, residual=prepare(rs) if rs is not None else None, backend=backend)
+        out = mk.rms_norm(prepare(xs), ws, EPS, residual=prepare(rs) if rs is not None else None, offset=offset,
+                          backend=backend)
         y, h = out if r is not None else (out, None)
         grads = [gy.to(y.dtype)]
         outs = [y]
@@ -160,6 +161,58 @@ def test_weight_without_grad_and_empty_input():
     assert ye.shape == he.shape == (0, 123)
     (ye.sum() + he.sum()).backward()
     assert torch.equal(we.grad, torch.zeros(123)) and e.grad.shape == (0, 123)
+
+
+# ---------------------------------------------------------------------------- offset: Gemma's (1 + w)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_offset_accuracy(dtype, residual):
+    x = torch.randn(3, 37, 123, dtype=dtype)
+    r = torch.randn(3, 37, 123, dtype=dtype) if residual else None
+    w = 0.5 * torch.randn(123, dtype=dtype)  # a deviation from 1, as Gemma stores it
+    cases = _run_case(x, w, r, torch.randn(x.shape), torch.randn(x.shape), offset=1.0)
+    assert cases["dweight"][0].dtype == dtype
+    _assert_rule(cases)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_offset_is_gemma3_rmsnorm(backend):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    hf = Gemma3RMSNorm(1000, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.normal_(0, 0.5)
+    x, r = torch.randn(9, 1000, dtype=torch.bfloat16), torch.randn(9, 1000, dtype=torch.bfloat16)
+    # float32 statistics, (1.0 + w.float()), one rounding: the torch path is transformers' bit for bit
+    y = mk.rms_norm(x, hf.weight, 1e-6, offset=1.0, backend=backend)
+    y2, h = mk.rms_norm(x, hf.weight, 1e-6, residual=r, offset=1.0, backend=backend)
+    if backend == "torch":
+        assert torch.equal(y, hf(x)) and torch.equal(y2, hf(x + r)) and torch.equal(h, x + r)
+    else:  # the kernel's row sum runs in another order: within one bf16 rounding
+        for a, b in ((y, hf(x)), (y2, hf(x + r))):
+            assert ((a.float() - b.float()).abs() <= 2 ** -7 * b.float().abs() + 1e-6).all()
+
+
+def test_offset_compiles_fullgraph():
+    def f(x, r, w):
+        return mk.rms_norm(x, w, EPS, residual=r, offset=1.0, backend="triton")
+
+    args = [torch.randn(6, 96, requires_grad=True), torch.randn(6, 96, requires_grad=True),
+            torch.randn(96, dtype=torch.float16).float().requires_grad_()]
+    grads = [torch.randn(6, 96), torch.randn(6, 96)]
+    torch._dynamo.reset()
+    eager, comp = f(*args), torch.compile(f, fullgraph=True)(*args)
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(eager, args, grads), torch.autograd.grad(comp, args, grads)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_offset_bad_input():
+    with pytest.raises(TypeError, match="offset must be a float"):
+        mk.rms_norm(torch.randn(2, 8), torch.randn(8), offset="1")
+    with pytest.raises(ValueError, match="offset must be finite"):
+        mk.rms_norm(torch.randn(2, 8), torch.randn(8), offset=float("inf"))
 
 
 # ---------------------------------------------------------------------------- bad input
