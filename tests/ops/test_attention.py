@@ -12,7 +12,7 @@ import torch
 
 import meditron_kernels as mk
 from meditron_kernels._static import ARCH_LIMITS, module_reports
-from meditron_kernels.ops import attention as A
+from meditron_kernels.ops.attention import op as A
 from helpers import MATRIX_DTYPES, assert_close_rule
 
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}

@@ -53,9 +53,9 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 from triton.runtime.errors import OutOfResources
 
-from .. import _validate as V
-from ..backend import register
-from ._common import Launch, cast_rtne, device_of, interpreting, unit_stride
+from ... import _validate as V
+from ...backend import register
+from .._common import Launch, cast_rtne, device_of, interpreting, unit_stride
 
 LOG2E = 1.4426950408889634
 # the same constants, visible inside kernels
