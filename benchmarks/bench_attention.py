@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import meditron_kernels as mk
 from meditron_kernels import reference
-from meditron_kernels.ops.attention import op as A
+from meditron_kernels.ops.attention import configs as A
 
 from . import providers as P
 from .common import Case, Cost, Provider, randn

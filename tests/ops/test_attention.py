@@ -12,7 +12,7 @@ import torch
 
 import meditron_kernels as mk
 from meditron_kernels._static import ARCH_LIMITS, module_reports
-from meditron_kernels.ops.attention import op as A
+from meditron_kernels.ops.attention import configs as C, op as A
 from helpers import MATRIX_DTYPES, assert_close_rule
 
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -178,7 +178,7 @@ def test_rotary_packed(with_pos):
 @pytest.mark.parametrize("case", ["batched", "packed", "rotary"])
 def test_descriptor_path(monkeypatch, case):
     # The sm_90 path (tensor descriptors) under the interpreter, which enforces TMA's alignment rules.
-    monkeypatch.setattr(A, "_INTERPRET_TMA", True)
+    monkeypatch.setattr(C, "_INTERPRET_TMA", True)
     if case == "packed":
         lengths = [13, 1, 40]
         _check(*_inputs((54,), 4, 2, 32, torch.float16), causal=True, cu_seqlens=_cu(lengths), max_seqlen=40)
@@ -191,11 +191,11 @@ def test_descriptor_path(monkeypatch, case):
 
 def test_descriptor_eligibility():
     q = torch.randn(2, 8, 4, 64, dtype=torch.float16)
-    assert A.use_tma(90, 64, False, q) and not A.use_tma(80, 64, False, q)
-    assert not A.use_tma(90, 96, False, torch.randn(2, 8, 4, 96, dtype=torch.float16))  # not a power of two
+    assert C.use_tma(90, 64, False, q) and not C.use_tma(80, 64, False, q)
+    assert not C.use_tma(90, 96, False, torch.randn(2, 8, 4, 96, dtype=torch.float16))  # not a power of two
     odd = torch.randn(2, 8, 4 * 64 + 4, dtype=torch.float16)[..., : 4 * 64].view(2, 8, 4, 64)
-    assert not A.use_tma(90, 64, False, odd)  # row stride of 520 bytes is not a multiple of 16
-    assert not A.use_tma(90, 64, False, q.float())  # fp32 runs on CUDA cores
+    assert not C.use_tma(90, 64, False, odd)  # row stride of 520 bytes is not a multiple of 16
+    assert not C.use_tma(90, 64, False, q.float())  # fp32 runs on CUDA cores
 
 
 # ---------------------------------------------------------------------------- determinism
@@ -286,7 +286,7 @@ def test_cu_seqlens_reused_across_calls():
 
 # ---------------------------------------------------------------------------- configuration and static report
 def test_config_table_invariants():
-    tables = [A._TABLE, A._TABLE_PADDED, {k: [c] for k, c in A._TABLE_F32.items()}]
+    tables = [C._TABLE, C._TABLE_PADDED, {k: [c] for k, c in C._TABLE_F32.items()}]
     for table in tables:
         for key, cfgs in table.items():
             for c in cfgs:
@@ -294,7 +294,7 @@ def test_config_table_invariants():
                     assert c.block_m % c.block_n == 0, (key, c)
                 assert c.block_m >= 16 and c.block_n >= 16 and c.num_warps in (4, 8), (key, c)
     for kernel in ("fwd", "dq", "dkdv"):
-        c = A._INTERPRETER[kernel]
+        c = C._INTERPRETER[kernel]
         assert kernel == "dkdv" or c.block_m % c.block_n == 0
 
 
@@ -455,7 +455,7 @@ def test_decode_kernel_over_key_splits(monkeypatch, splits, causal):
     # group * sq <= DECODE_MAX_ROWS takes the decoding kernel: one program per (sequence, kv head),
     # keys split over programs when they would leave the (pretend, 4-SM) GPU idle, then merged.
     monkeypatch.setattr(A, "_FORCE_SPLITS", splits)
-    assert A.decode_splits(1, 70, 4, 16) == 5 and A.decode_splits(8, 70, 4, 16) == 1
+    assert C.decode_splits(1, 70, 4, 16) == 5 and C.decode_splits(8, 70, 4, 16) == 1
     _check(*_kv_inputs((1, 1), (1, 70), 8, 1, 64, torch.float16), causal=causal)  # 1 program: split
     lens = torch.tensor([70, 2, 33], dtype=torch.int32)
     _check(*_kv_inputs((3, 2), (3, 70), 4, 2, 32, torch.float32), causal=causal, seqlens_k=lens)
@@ -473,8 +473,8 @@ def test_decode_return_lse_merges_splits(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- warp-specialized sm_90 candidates
-_WS_INTERPRETER = {"fwd": A.Config(32, 16, 4, 1, True), "dq": A.Config(32, 16, 4, 1, True),
-                   "dkdv": A.Config(16, 32, 4, 1, True)}
+_WS_INTERPRETER = {"fwd": C.Config(32, 16, 4, 1, True), "dq": C.Config(32, 16, 4, 1, True),
+                   "dkdv": C.Config(16, 32, 4, 1, True)}
 
 
 @pytest.mark.parametrize("case", ["batched", "packed", "full"])
@@ -483,7 +483,7 @@ def test_warp_specialized_kernels_match_default(monkeypatch, case):
     # and dq's single masked loop, the statistics pass and its TMA reads, the dk/dv loop over every
     # query head of a group through one descriptor. Same blocks, same order, same arithmetic (a mask
     # that keeps everything changes no value): the results equal the default kernels' exactly.
-    monkeypatch.setattr(A, "_INTERPRET_TMA", True)
+    monkeypatch.setattr(C, "_INTERPRET_TMA", True)
     if case == "packed":
         kw = dict(causal=True, cu_seqlens=_cu([13, 1, 40]), max_seqlen=40)
         q, k, v = _inputs((54,), 4, 2, 32, torch.float16)
@@ -494,13 +494,13 @@ def test_warp_specialized_kernels_match_default(monkeypatch, case):
         kw = dict(causal=False)
         q, k, v = _inputs((2, 37), 4, 1, 64, torch.float16)
     g = torch.randn(q.shape, dtype=torch.float64).to(q.dtype).double()
-    monkeypatch.setattr(A, "_CHOSEN", {})
+    monkeypatch.setattr(C, "_CHOSEN", {})
     o0, grads0 = _run("triton", q, k, v, g, **kw)
-    assert not any(c.warp_spec for c in A._CHOSEN.values())
-    monkeypatch.setattr(A, "_INTERPRETER", _WS_INTERPRETER)
-    monkeypatch.setattr(A, "_CHOSEN", {})
+    assert not any(c.warp_spec for c in C._CHOSEN.values())
+    monkeypatch.setattr(C, "_INTERPRETER", _WS_INTERPRETER)
+    monkeypatch.setattr(C, "_CHOSEN", {})
     o1, grads1 = _run("triton", q, k, v, g, **kw)
-    assert sorted(key[0] for key, c in A._CHOSEN.items() if c.warp_spec) == ["dkdv", "dq", "fwd"]
+    assert sorted(key[0] for key, c in C._CHOSEN.items() if c.warp_spec) == ["dkdv", "dq", "fwd"]
     assert torch.equal(o1, o0)
     for a, b in zip(grads1, grads0):
         assert torch.equal(a, b)
@@ -508,21 +508,21 @@ def test_warp_specialized_kernels_match_default(monkeypatch, case):
 
 
 def test_warp_specialized_candidates_only_where_they_can_run():
-    ws = [c for c in A.candidates("fwd", 90, torch.bfloat16, 128, warp_spec=True) if c.warp_spec]
-    assert ws and not any(c.warp_spec for c in A.candidates("fwd", 90, torch.bfloat16, 128))
+    ws = [c for c in C.candidates("fwd", 90, torch.bfloat16, 128, warp_spec=True) if c.warp_spec]
+    assert ws and not any(c.warp_spec for c in C.candidates("fwd", 90, torch.bfloat16, 128))
     for cc in (80, 100):  # Ampere has none, Blackwell's is another compiler pass
-        assert not any(c.warp_spec for c in A.candidates("fwd", cc, torch.bfloat16, 128, warp_spec=True))
+        assert not any(c.warp_spec for c in C.candidates("fwd", cc, torch.bfloat16, 128, warp_spec=True))
     for kernel in ("fwd", "dq", "dkdv"):  # today's defaults stay the defaults
-        assert not A.candidates(kernel, 90, torch.bfloat16, 128, warp_spec=True)[0].warp_spec
-    for (kernel, cc, d, rotary), cfgs in A._TABLE_WS.items():
-        assert cc == 90 and not rotary and (kernel, cc, d, rotary) in A._TABLE
+        assert not C.candidates(kernel, 90, torch.bfloat16, 128, warp_spec=True)[0].warp_spec
+    for (kernel, cc, d, rotary), cfgs in C._TABLE_WS.items():
+        assert cc == 90 and not rotary and (kernel, cc, d, rotary) in C._TABLE
         for c in cfgs:  # Triton warp-specializes num_warps=4 programs only, into two consumer warp groups
-            assert c.warp_spec and c.num_warps == 4 and c not in A._TABLE[(kernel, cc, d, rotary)], c
+            assert c.warp_spec and c.num_warps == 4 and c not in C._TABLE[(kernel, cc, d, rotary)], c
             assert kernel == "dkdv" or c.block_m % c.block_n == 0, c
     q = torch.randn(2, 8, 4, 64, dtype=torch.float16)
-    assert A.warp_spec_ok(True, False, q) and not A.warp_spec_ok(True, True) and not A.warp_spec_ok(False, False)
-    assert not A.warp_spec_ok(True, False, q.transpose(1, 2))  # a token's heads not side by side
-    assert not A.warp_spec_ok(True, False, var_k=True)  # a KV cache's per-sequence key counts
+    assert C.warp_spec_ok(True, False, q) and not C.warp_spec_ok(True, True) and not C.warp_spec_ok(False, False)
+    assert not C.warp_spec_ok(True, False, q.transpose(1, 2))  # a token's heads not side by side
+    assert not C.warp_spec_ok(True, False, var_k=True)  # a KV cache's per-sequence key counts
 
 
 def test_warp_specialized_static_report(static_reports):
@@ -530,7 +530,7 @@ def test_warp_specialized_static_report(static_reports):
     sm_90 into a TMA producer and MMA consumers: 12 warps, setmaxnreg, HGMMA, no spills."""
     reports = {r["kernel"].split("@")[0]: r for r in static_reports[90] if r["kernel"].startswith("attention_ws_")}
     names = {f"attention_ws_{dict(fwd='fwd', dq='bwd_dq', dkdv='bwd_dkdv')[key[0]]}_{c.block_m}x{c.block_n}_w4_"
-             f"s{c.num_stages}" for key, cfgs in A._TABLE_WS.items() if key[2] == 128 for c in cfgs}
+             f"s{c.num_stages}" for key, cfgs in C._TABLE_WS.items() if key[2] == 128 for c in cfgs}
     assert set(reports) == names | {"attention_ws_bwd_stats"}
     for name, r in reports.items():
         assert r["spill_bytes"] == 0 and r["shared_bytes"] <= ARCH_LIMITS[90]["smem_per_block"], r
