@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import meditron_kernels as mk
 from meditron_kernels import reference
-from meditron_kernels.ops.attention import configs as A
+from meditron_kernels.ops import attention as A
 
 from . import providers as P
 from .common import Case, Cost, Provider, randn
@@ -130,13 +130,8 @@ def pinned(name: str, call, d: int, dtype) -> Provider:
 
     def run(inputs):
         configs = _pinned_configs(name, _cc_of(inputs["q"].device), inputs["q"].dtype, d)
-        saved = dict(A._FORCE_CONFIG)
-        A._FORCE_CONFIG.update(configs)
-        try:
+        with A.overrides(configs=configs):
             return call(inputs, "triton")
-        finally:
-            A._FORCE_CONFIG.clear()
-            A._FORCE_CONFIG.update(saved)
 
     def why_not(device):
         if device.type != "cuda":

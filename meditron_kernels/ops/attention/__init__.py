@@ -45,14 +45,16 @@ The package, one kernel family per file:
   forward.py   _attn_fwd;
   backward.py  _attn_bwd_dq, _attn_bwd_dkdv, _attn_bwd_stats;
   decode.py    _attn_decode, _attn_decode_reduce;
-  configs.py   the tile tables, TMA and warp-specialization eligibility, the autotuner;
-  problem.py   the description of one call;
+  configs.py   the tile tables, TMA and warp-specialization eligibility, the autotuner, and
+               overrides(), the context manager through which tests and benchmarks pin its choices;
+  problem.py   Problem: one call as the kernels see it, built once per op call;
   op.py        the drivers, the custom ops and their autograd, the registration, static_launches().
 """
-from .configs import (DECODE_MAX_ROWS, DECODE_MIN_SPLIT, MAX_HEAD_DIM, Config, candidates, decode_config,
-                      decode_splits, default_config, use_tma, warp_spec_ok)
-from .op import attention_backward, attention_forward, flash_attention, static_launches
+from .configs import (DECODE_MAX_ROWS, DECODE_MIN_SPLIT, MAX_HEAD_DIM, Config, Overrides, candidates, decode_config,
+                      decode_splits, default_config, overrides, use_tma, warp_spec_ok)
+from .op import flash_attention, static_launches
+from .problem import Problem
 
-__all__ = ["Config", "DECODE_MAX_ROWS", "DECODE_MIN_SPLIT", "MAX_HEAD_DIM", "attention_backward", "attention_forward",
-           "candidates", "decode_config", "decode_splits", "default_config", "flash_attention", "static_launches",
+__all__ = ["Config", "DECODE_MAX_ROWS", "DECODE_MIN_SPLIT", "MAX_HEAD_DIM", "Overrides", "Problem", "candidates",
+           "decode_config", "decode_splits", "default_config", "flash_attention", "overrides", "static_launches",
            "use_tma", "warp_spec_ok"]

@@ -7,9 +7,9 @@ import triton.language as tl
 
 from .._common import Launch
 from .configs import Config
-from .problem import LOG2E, _bsh, _grid, _Problem
-from .tiles import (_LOG2E, _bounds, _d_pad, _doc_bounds, _dot_nt, _load, _load_qk, _make_desc, _mm, _positions, _store,
-                    _store_qk_grad, _tile_ids)
+from .problem import Problem
+from .tiles import (_LOG2E, _bounds, _d_pad, _doc_bounds, _dot_nt, _load, _load_qk, _make_desc, _mm, _positions,
+                    _store, _store_qk_grad, _tile_ids)
 
 
 # ---------------------------------------------------------------------------- statistics for TMA
@@ -416,46 +416,46 @@ def _attn_bwd_dkdv(
 
 
 # ---------------------------------------------------------------------------- launches
-def _bwd_args(P: _Problem, q, k, v, do, lse, delta, cfg: Config, flags: dict, stats=None, cu_st=None) -> dict:
-    bq, bk, bv, bdo = _bsh(q, P.packed), _bsh(k, P.packed), _bsh(v, P.packed), _bsh(do, P.packed)
+def _bwd_args(P: Problem, q, k, v, do, lse, delta, cfg: Config, flags: dict, stats=None, cu_st=None) -> dict:
+    bq, bk, bv, bdo = P.strides(q), P.strides(k), P.strides(v), P.strides(do)
     st = stats if stats is not None else lse
     return dict(
         Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, STATS=st, CU_ST=cu_st if cu_st is not None else lse,
         stride_sb=st.stride(0) if stats is not None else 0,
-        stride_st=st.stride(1) if stats is not None else 0, **P.common(q), qk_scale=P.scale * LOG2E, sm_scale=P.scale,
+        stride_st=st.stride(1) if stats is not None else 0, **P.kernel_args(q), qk_scale=P.qk_scale, sm_scale=P.scale,
         stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
         stride_vb=bv[0], stride_vs=bv[1], stride_vh=bv[2], stride_dob=bdo[0], stride_dos=bdo[1], stride_doh=bdo[2],
         **P.lse_strides(lse), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, **flags)
 
 
-def _dq_launch(P: _Problem, q, k, v, o, do, lse, delta, dq, qrot, dlse, cfg: Config, flags: dict, stats=None,
-               cu_st=None) -> Launch:
+def dq_launch(P: Problem, q, k, v, o, do, lse, delta, dq, qrot, dlse, cfg: Config, flags: dict, stats=None,
+              cu_st=None) -> Launch:
     """delta (lse's layout) and qrot (q rotated, for the dk/dv kernel; dq itself without rotary) are written.
     stats, cu_st: what _attn_bwd_stats wrote, for a warp-specialized cfg."""
-    bo, bdq = _bsh(o, P.packed), _bsh(dq, P.packed)
+    bo, bdq = P.strides(o), P.strides(dq)
     args = dict(_bwd_args(P, q, k, v, do, lse, delta, cfg, flags, stats, cu_st), O=o, DQ=dq, QROT=qrot,
                 DLSE=dlse if dlse is not None else lse, HAS_DLSE=dlse is not None,
                 stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], stride_dqb=bdq[0], stride_dqs=bdq[1],
                 stride_dqh=bdq[2], n_heads=P.n_heads)
     return Launch("attention_bwd_dq", _attn_bwd_dq, args, cfg.num_warps, cfg.num_stages,
-                  _grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads))
+                  P.grid(P.seqlen_q, cfg.block_m, P.n_heads))
 
 
-def _dkdv_launch(P: _Problem, q, k, v, do, lse, delta, dk, dv, cfg: Config, flags: dict, stats=None,
-                 cu_st=None) -> Launch:
+def dkdv_launch(P: Problem, q, k, v, do, lse, delta, dk, dv, cfg: Config, flags: dict, stats=None,
+                cu_st=None) -> Launch:
     """q: the rotated q the dq kernel wrote when rotary, else q itself; delta from the dq kernel (or the
     statistics pass)."""
-    bdk = _bsh(dk, P.packed)
+    bdk = P.strides(dk)
     args = dict(_bwd_args(P, q, k, v, do, lse, delta, cfg, flags, stats, cu_st), DK=dk, DV=dv,
                 stride_dkb=bdk[0], stride_dks=bdk[1], stride_dkh=bdk[2], n_kv_heads=P.n_kv)
     return Launch("attention_bwd_dkdv", _attn_bwd_dkdv, args, cfg.num_warps, cfg.num_stages,
-                  _grid(P.seqlen_k, P.n_batch, cfg.block_n, P.n_kv))
+                  P.grid(P.seqlen_k, cfg.block_n, P.n_kv))
 
 
-def _stats_launch(P: _Problem, o, do, lse, dlse, delta, stats, cu_st) -> Launch:
+def stats_launch(P: Problem, o, do, lse, dlse, delta, stats, cu_st) -> Launch:
     """The warp-specialized backward's first pass: delta, and the scaled lse and delta laid out for TMA
     in stats ((n_seq, 2 * n_heads, tokens); packed documents start on a multiple of 4 columns, cu_st)."""
-    bo, bdo = _bsh(o, P.packed), _bsh(do, P.packed)
+    bo, bdo = P.strides(o), P.strides(do)
     block = 64
     args = dict(O=o, DO=do, LSE=lse, DLSE=dlse if dlse is not None else lse, DELTA=delta, STATS=stats,
                 CU=P.cu if P.packed else lse, CU_ST=cu_st if P.packed else lse, stride_ob=bo[0], stride_os=bo[1],
@@ -463,4 +463,4 @@ def _stats_launch(P: _Problem, o, do, lse, dlse, delta, stats, cu_st) -> Launch:
                 stride_sb=stats.stride(0), stride_st=stats.stride(1), seqlen_q=P.seqlen_q, n_heads=P.n_heads,
                 n_batch=P.n_batch, HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim), BLOCK_M=block, PACKED=P.packed,
                 HAS_DLSE=dlse is not None)
-    return Launch("attention_bwd_stats", _attn_bwd_stats, args, 4, 2, _grid(P.seqlen_q, P.n_batch, block, P.n_heads))
+    return Launch("attention_bwd_stats", _attn_bwd_stats, args, 4, 2, P.grid(P.seqlen_q, block, P.n_heads))

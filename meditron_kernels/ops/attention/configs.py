@@ -3,14 +3,16 @@ decoding configuration, whether a call can take TMA and warp specialization, and
 picks among the candidates on a GPU."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from typing import Iterator, Mapping
 
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from .problem import _Problem
+from .problem import Problem
 from .tiles import _d_pad
 
 MAX_HEAD_DIM = 256
@@ -105,8 +107,11 @@ _TABLE_F32 = {
 }
 
 # Under the interpreter every program runs in Python: small tiles, with block_m != block_n so that
-# the causal diagonal spans several key blocks and a sequence of 37 spans several of each.
+# the causal diagonal spans several key blocks and a sequence of 37 spans several of each. The same
+# tiles warp-specialized are its candidates beside them, which only a test forces (overrides): the
+# interpreter ignores the specialization but runs everything else of those kernels.
 _INTERPRETER = {"fwd": Config(32, 16, 4, 1), "dq": Config(32, 16, 4, 1), "dkdv": Config(16, 32, 4, 1)}
+_INTERPRETER_WS = {kernel: dataclasses.replace(c, warp_spec=True) for kernel, c in _INTERPRETER.items()}
 
 
 def candidates(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, rotary: bool = False,
@@ -115,8 +120,7 @@ def candidates(kernel: str, cc: int | None, dtype: torch.dtype, head_dim: int, r
     cc None: the interpreter. warp_spec: the call can take warp-specialized configurations
     (see warp_spec_ok); without it they are left out."""
     if cc is None:
-        cfg = _INTERPRETER[kernel]
-        return [cfg if warp_spec or not cfg.warp_spec else dataclasses.replace(cfg, warp_spec=False)]
+        return [_INTERPRETER[kernel]] + ([_INTERPRETER_WS[kernel]] if warp_spec else [])
     width = _d_pad(head_dim)
     if dtype == torch.float32:
         return [_TABLE_F32[(kernel, 128 if width <= 128 else 256)]]
@@ -165,18 +169,51 @@ def decode_splits(n_programs: int, seqlen_k: int, n_sm: int, min_split: int = DE
     return max(1, min(triton.cdiv(2 * n_sm, n_programs), triton.cdiv(seqlen_k, min_split), 128))
 
 
-# Tests flip this to run the descriptor path under the interpreter (which checks TMA's alignment rules).
-_INTERPRET_TMA = False
-# Benchmarks and tests: {kernel: Config} runs that candidate (when the call can take it) instead of tuning.
-_FORCE_CONFIG: dict[str, Config | None] = {}
+# ---------------------------------------------------------------------------- overrides (tests, benchmarks)
+@dataclasses.dataclass(frozen=True, eq=False)  # (each is its own: overrides() removes it by identity)
+class Overrides:
+    """What a test or a benchmark changes in the choices below (see :func:`overrides`)."""
+    interpret_tma: bool = False  # under the interpreter, the TMA descriptor path where sm_90 would take it
+    configs: Mapping[str, Config] = dataclasses.field(default_factory=dict)  # {kernel: the candidate to run}
+    splits: int | None = None  # decoding: this many key splits
 
 
-def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor) -> bool:
+NO_OVERRIDES = Overrides()
+# Process-wide, not per thread or context: autograd runs a CUDA backward on a thread of its own, and a
+# benchmark's forced configuration must reach it.
+_overrides: list[Overrides] = [NO_OVERRIDES]
+
+
+@contextlib.contextmanager
+def overrides(*, interpret_tma: bool = False, configs: Mapping[str, Config] | None = None,
+              splits: int | None = None) -> Iterator[Overrides]:
+    """The testing hook: attention calls made inside run with these choices. interpret_tma: load tiles
+    through tensor descriptors under the interpreter too (which enforces TMA's alignment rules).
+    configs {"fwd" | "dq" | "dkdv": Config}: run that candidate instead of tuning, where the call can
+    take it (a warp-specialized one needs TMA; elsewhere the usual choice runs). splits: the decoding
+    kernel's number of key splits. The op reads them once per call (:func:`current_overrides`) and
+    hands them on as arguments."""
+    ov = Overrides(interpret_tma, dict(configs or {}), splits)
+    _overrides.append(ov)
+    try:
+        yield ov
+    finally:
+        _overrides.remove(ov)
+
+
+def current_overrides() -> Overrides:
+    return _overrides[-1]
+
+
+# ---------------------------------------------------------------------------- what a call can take
+def use_tma(cc: int | None, head_dim: int, rotary: bool, *tensors: torch.Tensor,
+            interpret_tma: bool = False) -> bool:
     """TMA descriptors on sm_90 when every (document, head) slab satisfies TMA's rules: 16-byte
     aligned base and row stride, unit stride along d; and d a power of two (with rotary, whose
-    tiles are half as wide, at least 32) so that a tile is exactly a box."""
+    tiles are half as wide, at least 32) so that a tile is exactly a box. cc None (the interpreter):
+    only with ``interpret_tma``."""
     if cc is None:
-        if not _INTERPRET_TMA:
+        if not interpret_tma:
             return False
     elif cc < 90 or tensors[0].dtype == torch.float32:  # fp32 runs on CUDA cores: nothing to feed
         return False
@@ -205,18 +242,20 @@ def _autotune_enabled(x: torch.Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
+# ---------------------------------------------------------------------------- autotuning
 _CHOSEN: dict[tuple, Config] = {}
 
 
-def _run_tuned(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, rotary: bool, key: tuple, run,
-               warp_spec: bool = False) -> None:
+def run_tuned(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, rotary: bool, key: tuple, run,
+              warp_spec: bool = False, force: Config | None = None) -> None:
     """run(config) with this call's configuration: on a GPU, the fastest candidate for ``key`` (head_dim
     and the sequence-length bucket among it), timed once per process; else the default. A candidate
-    the part cannot hold (shared memory differs a little between Triton versions) yields to the next."""
+    the part cannot hold (shared memory differs a little between Triton versions) yields to the next.
+    force: that candidate instead, when it is one of this call's."""
     cands = candidates(kernel, cc, x.dtype, head_dim, rotary, warp_spec)
-    if _FORCE_CONFIG.get(kernel) is not None:
-        cands = [c for c in cands if c == _FORCE_CONFIG[kernel]] or cands
-    key = (kernel, cc, x.dtype, head_dim, rotary, warp_spec, _FORCE_CONFIG.get(kernel)) + key
+    if force is not None:
+        cands = [c for c in cands if c == force] or cands
+    key = (kernel, cc, x.dtype, head_dim, rotary, warp_spec, force) + key
     cfg = _CHOSEN.get(key)
     if cfg is None:
         if len(cands) > 1 and _autotune_enabled(x):
@@ -239,11 +278,13 @@ def _run_tuned(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, rota
     run(cfg)
 
 
-def _tune_key(P: _Problem, tma: bool) -> tuple:
+def tune_key(P: Problem, tma: bool) -> tuple:
+    """What a tuned choice is kept for, beside the kernel, part, dtype and head_dim: the call's kind and
+    its sequence lengths' power-of-two buckets."""
     return (P.causal, P.packed, tma, triton.next_power_of_2(max(P.seqlen_q, 1)),
             triton.next_power_of_2(max(P.seqlen_k, 1)))
 
 
-def _is_decode(P: _Problem) -> bool:
+def is_decode(P: Problem) -> bool:
     # Rotary calls take the general kernel: the model's cache holds keys already rotated.
-    return P.cos is None and (P.n_heads // P.n_kv) * P.seqlen_q <= DECODE_MAX_ROWS
+    return not P.rotary and P.group * P.seqlen_q <= DECODE_MAX_ROWS

@@ -8,9 +8,9 @@ import triton.language as tl
 
 from .._common import Launch, cast_rtne
 from .configs import Config
-from .problem import LOG2E, _bsh, _Problem
-from .tiles import _INTERPRETED, _LN2, _bounds, _d_pad, _doc_bounds
+from .problem import Problem
 from .forward import _fwd_blocks
+from .tiles import _INTERPRETED, _LN2, _bounds, _d_pad, _doc_bounds
 
 
 # ---------------------------------------------------------------------------- decoding (split-KV)
@@ -135,18 +135,18 @@ def _attn_decode_reduce(
 
 
 # ---------------------------------------------------------------------------- launches
-def _decode_launch(P: _Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_splits: int,
-                   flags: dict) -> Launch:
-    c = P.common(q)
-    bq, bk, bv, bo = _bsh(q, P.packed), _bsh(k, P.packed), _bsh(v, P.packed), _bsh(o, P.packed)
-    rows = (P.n_heads // P.n_kv) * P.seqlen_q
+def decode_launch(P: Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_splits: int,
+                  flags: dict) -> Launch:
+    c = P.kernel_args(q)
+    bq, bk, bv, bo = P.strides(q), P.strides(k), P.strides(v), P.strides(o)
+    rows = P.group * P.seqlen_q
     args = dict(
         Q=q, K=k, V=v, O=o, LSE=lse, O_PART=o_part, LSE_PART=lse_part, CU=c["CU"], CU_K=c["CU_K"],
-        LENS_K=c["LENS_K"], qk_scale=P.scale * LOG2E,
+        LENS_K=c["LENS_K"], qk_scale=P.qk_scale,
         stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
         stride_vb=bv[0], stride_vs=bv[1], stride_vh=bv[2], stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2],
         **P.lse_strides(lse), seqlen_q=P.seqlen_q, seqlen_k=c["seqlen_k"], n_kv_heads=P.n_kv, n_batch=P.n_batch,
-        group=P.n_heads // P.n_kv, n_splits=n_splits, HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim),
+        group=P.group, n_splits=n_splits, HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim),
         BLOCK_M=max(cfg.block_m, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, CAUSAL=P.causal,
         PACKED=P.packed, VAR_K=P.lens_k is not None, SPLIT=n_splits > 1, DOT_F32=flags["DOT_F32"],
         PRECISION=flags["PRECISION"], SCALE_NEG=P.scale < 0)
@@ -154,8 +154,8 @@ def _decode_launch(P: _Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, 
                   (P.n_batch * P.n_kv * n_splits,))
 
 
-def _reduce_launch(P: _Problem, o, lse, o_part, lse_part, n_splits: int) -> Launch:
-    bo = _bsh(o, P.packed)
+def reduce_launch(P: Problem, o, lse, o_part, lse_part, n_splits: int) -> Launch:
+    bo = P.strides(o)
     args = dict(O_PART=o_part, LSE_PART=lse_part, O=o, LSE=lse, CU=P.cu if P.packed else lse,
                 stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], **P.lse_strides(lse), seqlen_q=P.seqlen_q,
                 n_heads=P.n_heads, n_batch=P.n_batch, n_splits=n_splits, HEAD_DIM=P.head_dim,

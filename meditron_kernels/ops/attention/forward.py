@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .._common import Launch
 from .configs import Config
-from .problem import LOG2E, _bsh, _grid, _Problem
+from .problem import Problem
 from .tiles import (_LN2, _bounds, _dot_nt, _load, _load_qk, _make_desc, _mm, _positions, _store,
                     _tile_ids)
 
@@ -154,17 +154,18 @@ def _attn_fwd(
 
 
 # ---------------------------------------------------------------------------- launch
-def _fwd_args(P: _Problem, q, k, v, o, lse, cfg: Config, flags: dict) -> dict:
-    bq, bk, bv, bo = _bsh(q, P.packed), _bsh(k, P.packed), _bsh(v, P.packed), _bsh(o, P.packed)
+# One launch builder per kernel (here and beside each kernel), used by the run-time path and by
+# static_launches() alike.
+def _fwd_args(P: Problem, q, k, v, o, lse, cfg: Config, flags: dict) -> dict:
+    bq, bk, bv, bo = P.strides(q), P.strides(k), P.strides(v), P.strides(o)
     return dict(
-        Q=q, K=k, V=v, O=o, LSE=lse, **P.common(q), qk_scale=P.scale * LOG2E,
+        Q=q, K=k, V=v, O=o, LSE=lse, **P.kernel_args(q), qk_scale=P.qk_scale,
         stride_qb=bq[0], stride_qs=bq[1], stride_qh=bq[2], stride_kb=bk[0], stride_ks=bk[1], stride_kh=bk[2],
         stride_vb=bv[0], stride_vs=bv[1], stride_vh=bv[2], stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2],
         **P.lse_strides(lse), n_heads=P.n_heads, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SCALE_NEG=P.scale < 0,
         WARP_SPEC=cfg.warp_spec, **flags)
 
 
-# One launch builder per kernel, used by the run-time path and by static_launches() alike.
-def _fwd_launch(P: _Problem, q, k, v, o, lse, cfg: Config, flags: dict) -> Launch:
+def fwd_launch(P: Problem, q, k, v, o, lse, cfg: Config, flags: dict) -> Launch:
     return Launch("attention_fwd", _attn_fwd, _fwd_args(P, q, k, v, o, lse, cfg, flags), cfg.num_warps,
-                  cfg.num_stages, _grid(P.seqlen_q, P.n_batch, cfg.block_m, P.n_heads))
+                  cfg.num_stages, P.grid(P.seqlen_q, cfg.block_m, P.n_heads))

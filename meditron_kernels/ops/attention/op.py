@@ -8,15 +8,16 @@ from typing import Optional
 import torch
 import triton
 
+from ... import _validate as V
 from ...backend import register
 from .._common import Launch, device_of, unit_stride
-from .backward import _dkdv_launch, _dq_launch, _stats_launch
-from .configs import (_INTERPRETER_DECODE, _TABLE_WS, DECODE_MIN_SPLIT, MAX_HEAD_DIM, Config, _is_decode,
-                      _run_tuned, _tune_key, decode_config, decode_splits, default_config, use_tma, warp_spec_ok)
-from .decode import _decode_launch, _reduce_launch
-from .forward import _fwd_launch
-from .problem import _flags, _lse_empty, _problem, _Problem
-from ... import _validate as V
+from .backward import dkdv_launch, dq_launch, stats_launch
+from .configs import (_INTERPRETER_DECODE, _TABLE_WS, DECODE_MIN_SPLIT, MAX_HEAD_DIM, NO_OVERRIDES, Config, Overrides,
+                      current_overrides, decode_config, decode_splits, default_config, is_decode, run_tuned, tune_key,
+                      use_tma, warp_spec_ok)
+from .decode import decode_launch, reduce_launch
+from .forward import fwd_launch
+from .problem import Problem, launch_flags, lse_empty
 
 
 def _ensure_allocator() -> None:
@@ -41,30 +42,26 @@ def _cc(x: torch.Tensor) -> int | None:
     return None
 
 
-def attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
-                      cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
+def attention_forward(P: Problem, q, k, v, ov: Overrides = NO_OVERRIDES):
     """-> o (q's shape), lse (fp32: (batch, n_heads, sq), or (n_heads, total_q) when packed)."""
     q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
-    packed = cu_seqlens is not None
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = _lse_empty(q, packed)
+    lse = lse_empty(q, P.packed)
     if q.numel() == 0:
         return o, lse.fill_(float("-inf"))
-    P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
-                 cu_seqlens_k, max_seqlen_k, seqlens_k)
     cc = _cc(q)
-    tma = use_tma(cc, P.head_dim, cos is not None, q, k, v)
+    tma = use_tma(cc, P.head_dim, P.rotary, q, k, v, interpret_tma=ov.interpret_tma)
     if tma and q.is_cuda:
         _ensure_allocator()
-    flags = _flags(q, cc, tma)
+    flags = launch_flags(q, cc, tma)
 
-    if _is_decode(P):
-        _decode(P, q, k, v, o, lse, cc)
+    if is_decode(P):
+        _decode(P, q, k, v, o, lse, cc, ov.splits)
         return o, lse
 
-    _run_tuned("fwd", cc, q, P.head_dim, cos is not None, _tune_key(P, tma),
-               lambda cfg: _fwd_launch(P, q, k, v, o, lse, cfg, flags).run(),
-               warp_spec_ok(tma, cos is not None, var_k=P.lens_k is not None))
+    run_tuned("fwd", cc, q, P.head_dim, P.rotary, tune_key(P, tma),
+              lambda cfg: fwd_launch(P, q, k, v, o, lse, cfg, flags).run(),
+              warp_spec_ok(tma, P.rotary, var_k=P.lens_k is not None), ov.configs.get("fwd"))
     return o, lse
 
 
@@ -74,48 +71,44 @@ def _sm_count(x: torch.Tensor) -> int:
     return _INTERPRETER_DECODE[2]
 
 
-def _decode(P: _Problem, q, k, v, o, lse, cc: int | None) -> None:
-    """The decoding path of the forward: _attn_decode over key splits, then (if split) the merge."""
+def _decode(P: Problem, q, k, v, o, lse, cc: int | None, splits: int | None = None) -> None:
+    """The decoding path of the forward: _attn_decode over key splits (``splits``, or as many as fill
+    the GPU), then (if split) the merge."""
     cfg = decode_config(cc, q.dtype, P.head_dim)
     min_split = DECODE_MIN_SPLIT if cc is not None else _INTERPRETER_DECODE[1]
-    n_splits = _FORCE_SPLITS or decode_splits(P.n_batch * P.n_kv, P.seqlen_k, _sm_count(q), min_split)
+    n_splits = splits or decode_splits(P.n_batch * P.n_kv, P.seqlen_k, _sm_count(q), min_split)
     o_part = lse_part = lse
     if n_splits > 1:
         o_part = torch.empty(P.n_batch, P.n_heads, n_splits, P.seqlen_q, P.head_dim, dtype=torch.float32,
                              device=q.device)
         lse_part = torch.empty(o_part.shape[:-1], dtype=torch.float32, device=q.device)
-    _decode_launch(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, cc, False)).run()
+    decode_launch(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, launch_flags(q, cc, False)).run()
     if n_splits > 1:
-        _reduce_launch(P, o, lse, o_part, lse_part, n_splits).run()
+        reduce_launch(P, o, lse, o_part, lse_part, n_splits).run()
 
 
-_FORCE_SPLITS = None  # tests: a fixed number of key splits for the decoding kernel
-
-
-def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
-                       dlse=None, cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
+def attention_backward(P: Problem, do, q, k, v, o, lse, dlse=None, ov: Overrides = NO_OVERRIDES):
     """-> dq, dk, dv (contiguous, shaped like q, k, v)."""
     q, k, v, o, do = (unit_stride(t) for t in (q, k, v, o, do))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # rows of k past a sequence's seqlens_k are never visited: their gradient is zero
-    new = torch.zeros if seqlens_k is not None else torch.empty
+    new = torch.zeros if P.lens_k is not None else torch.empty
     dk = new(k.shape, dtype=k.dtype, device=k.device)
     dv = new(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     if dlse is not None:
         dlse = dlse.float().expand(lse.shape).contiguous()  # LSE's layout, which the kernel indexes
-    P = _problem(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
-                 cu_seqlens_k, max_seqlen_k, seqlens_k)
     cc = _cc(q)
-    tma = use_tma(cc, P.head_dim, cos is not None, q, k, v, do, dq)
+    rotary = P.rotary
+    tma = use_tma(cc, P.head_dim, rotary, q, k, v, do, dq, interpret_tma=ov.interpret_tma)
     if tma and q.is_cuda:
         _ensure_allocator()
-    flags = _flags(q, cc, tma)
+    flags = launch_flags(q, cc, tma)
     delta = torch.empty_like(lse)
-    qrot = torch.empty_like(dq) if cos is not None else dq  # the dq kernel writes q rotated for the dk/dv kernel
-    ws_dq = warp_spec_ok(tma, cos is not None, var_k=P.lens_k is not None)
-    ws_dkdv = warp_spec_ok(tma, cos is not None, q, do, var_k=P.lens_k is not None)
+    qrot = torch.empty_like(dq) if rotary else dq  # the dq kernel writes q rotated for the dk/dv kernel
+    ws_dq = warp_spec_ok(tma, rotary, var_k=P.lens_k is not None)
+    ws_dkdv = warp_spec_ok(tma, rotary, q, do, var_k=P.lens_k is not None)
     stats = cu_st = None
     if ws_dq:  # (n_seq, 2 * n_heads, tokens): what _attn_bwd_stats writes for the warp-specialized kernels
         n_tok = P.seqlen_q
@@ -125,23 +118,22 @@ def attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, m
         stats = torch.empty(1 if P.packed else P.n_batch, 2 * P.n_heads, -(-n_tok // 4) * 4, dtype=torch.float32,
                             device=q.device)
     state = {"stats": False}  # whether stats holds this call's statistics
-    rotary = cos is not None
 
     def run_dq(cfg: Config):
         if cfg.warp_spec:  # the statistics pass also writes delta, for a dk/dv kernel that is not specialized
-            _stats_launch(P, o, do, lse, dlse, delta, stats, cu_st).run()
+            stats_launch(P, o, do, lse, dlse, delta, stats, cu_st).run()
         state["stats"] = cfg.warp_spec
-        _dq_launch(P, q, k, v, o, do, lse, delta, dq, qrot, dlse, cfg, flags, stats, cu_st).run()
+        dq_launch(P, q, k, v, o, do, lse, delta, dq, qrot, dlse, cfg, flags, stats, cu_st).run()
 
     def run_dkdv(cfg: Config):
         if cfg.warp_spec and not state["stats"]:
-            _stats_launch(P, o, do, lse, dlse, delta, stats, cu_st).run()
-        _dkdv_launch(P, qrot if rotary else q, k, v, do, lse, delta, dk, dv, cfg, flags, stats, cu_st).run()
+            stats_launch(P, o, do, lse, dlse, delta, stats, cu_st).run()
+        dkdv_launch(P, qrot if rotary else q, k, v, do, lse, delta, dk, dv, cfg, flags, stats, cu_st).run()
 
-    key = _tune_key(P, tma)
+    key = tune_key(P, tma)
     # the dq kernel writes delta (and qrot), which the dk/dv kernel reads
-    _run_tuned("dq", cc, q, P.head_dim, rotary, key, run_dq, ws_dq)
-    _run_tuned("dkdv", cc, q, P.head_dim, rotary, key, run_dkdv, ws_dkdv)
+    run_tuned("dq", cc, q, P.head_dim, rotary, key, run_dq, ws_dq, ov.configs.get("dq"))
+    run_tuned("dkdv", cc, q, P.head_dim, rotary, key, run_dkdv, ws_dkdv, ov.configs.get("dkdv"))
     return dq, dk, dv
 
 
@@ -153,15 +145,16 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
             seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # max_seqlen(_k) 0: unknown, measured from the offsets inside (a host sync a traced graph must not see)
+    P = Problem.of(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k,
+                   max_seqlen_k, seqlens_k)
     with device_of(q.device):  # the descriptors' scratch is allocated there too
-        return attention_forward(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids,
-                                 cu_seqlens_k, max_seqlen_k, seqlens_k)
+        return attention_forward(P, q, k, v, current_overrides())
 
 
 @_fwd_op.register_fake
 def _(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k=None,
       max_seqlen_k=0, seqlens_k=None):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), _lse_empty(q, cu_seqlens is not None)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), lse_empty(q, cu_seqlens is not None)
 
 
 @torch.library.custom_op("meditron_kernels::triton_flash_attention_bwd", mutates_args=())
@@ -171,9 +164,10 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             position_ids: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None,
             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
             seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    P = Problem.of(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k,
+                   max_seqlen_k, seqlens_k)
     with device_of(q.device):
-        return attention_backward(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin,
-                                  position_ids, dlse, cu_seqlens_k, max_seqlen_k, seqlens_k)
+        return attention_backward(P, do, q, k, v, o, lse, dlse, current_overrides())
 
 
 @_bwd_op.register_fake
@@ -245,18 +239,19 @@ def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d
     lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
     stats = torch.empty(b, 2 * h, -(-s // 4) * 4, dtype=torch.float32, device="meta")
     cos = sin = torch.empty(s, d // 2, dtype=torch.float32, device="meta") if rotary else None
-    P = _Problem(False, b, s, s, h, hkv, d, causal, 1.0 / math.sqrt(d), None, None, None, cos, sin, None)
-    flags = _flags(q, arch, use_tma(arch, d, rotary, q, k, v, do))
+    P = Problem(packed=False, n_batch=b, seqlen_q=s, seqlen_k=s, n_heads=h, n_kv=hkv, head_dim=d, causal=causal,
+                scale=1.0 / math.sqrt(d), cos=cos, sin=sin)
+    flags = launch_flags(q, arch, use_tma(arch, d, rotary, q, k, v, do))
     if configs is None:
         configs = {kernel: default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv")}
     out = []
     for kernel, cfg in configs.items():
         if kernel == "fwd":
-            launch = _fwd_launch(P, q, k, v, o, lse, cfg, flags)
+            launch = fwd_launch(P, q, k, v, o, lse, cfg, flags)
         elif kernel == "dq":
-            launch = _dq_launch(P, q, k, v, o, do, lse, lse, q, do, None, cfg, flags, stats)
+            launch = dq_launch(P, q, k, v, o, do, lse, lse, q, do, None, cfg, flags, stats)
         else:
-            launch = _dkdv_launch(P, q, k, v, do, lse, lse, k, v, cfg, flags, stats)
+            launch = dkdv_launch(P, q, k, v, do, lse, lse, k, v, cfg, flags, stats)
         tag = f"_{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}" if cfg.warp_spec else ""
         launch.name = launch.name.replace("attention", prefix, 1) + f"{tag}@sm_{arch}"
         out.append(launch)
@@ -272,10 +267,11 @@ def _ws_launches(dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -
     stats = torch.empty(b, 2 * h, -(-s // 4) * 4, dtype=torch.float32, device="meta")
     out = [launch for kernel in ("fwd", "dq", "dkdv") for cfg in _TABLE_WS[(kernel, 90, d, False)]
            for launch in _launches(90, dtype, b, s, h, hkv, d, configs={kernel: cfg}, prefix="attention_ws")]
-    P = _Problem(False, b, s, s, h, hkv, d, True, 1.0 / math.sqrt(d), None, None, None, None, None, None)
-    stats_launch = _stats_launch(P, o, do, lse, None, lse, stats, None)
-    stats_launch.name = "attention_ws_bwd_stats@sm_90"
-    return out + [stats_launch]
+    P = Problem(packed=False, n_batch=b, seqlen_q=s, seqlen_k=s, n_heads=h, n_kv=hkv, head_dim=d, causal=True,
+                scale=1.0 / math.sqrt(d))
+    first_pass = stats_launch(P, o, do, lse, None, lse, stats, None)
+    first_pass.name = "attention_ws_bwd_stats@sm_90"
+    return out + [first_pass]
 
 
 def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -> list[Launch]:
@@ -286,13 +282,14 @@ def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv:
     k, v = torch.empty(b, s, hkv, d, **meta), torch.empty(b, s, hkv, d, **meta)
     lens = torch.empty(b, dtype=torch.int32, device="meta")
     lse = torch.empty(b, h, 1, dtype=torch.float32, device="meta")
-    P = _Problem(False, b, 1, s, h, hkv, d, True, 1.0 / math.sqrt(d), None, None, lens, None, None, None)
+    P = Problem(packed=False, n_batch=b, seqlen_q=1, seqlen_k=s, n_heads=h, n_kv=hkv, head_dim=d, causal=True,
+                scale=1.0 / math.sqrt(d), lens_k=lens)
     cfg = decode_config(arch, dtype, d)
     n_splits = decode_splits(b * hkv, s, 132)
     o_part = torch.empty(b, h, n_splits, 1, d, dtype=torch.float32, device="meta")
     lse_part = torch.empty(b, h, n_splits, 1, dtype=torch.float32, device="meta")
-    launches = [_decode_launch(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, _flags(q, arch, False)),
-                _reduce_launch(P, o, lse, o_part, lse_part, n_splits)]
+    launches = [decode_launch(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, launch_flags(q, arch, False)),
+                reduce_launch(P, o, lse, o_part, lse_part, n_splits)]
     for launch in launches:
         launch.name += f"@sm_{arch}"
     return launches
