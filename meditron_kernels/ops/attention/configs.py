@@ -1,6 +1,7 @@
 """Tile configurations: the tables of candidates per (kernel, architecture, head_dim, rotary), the
-decoding configuration, whether a call can take TMA and warp specialization, and the autotuner that
-picks among the candidates on a GPU."""
+decoding configuration, whether a call can take TMA and warp specialization, the autotuner that
+picks among the candidates on a GPU, and overrides(), through which tests and benchmarks pin those
+choices."""
 from __future__ import annotations
 
 import contextlib
@@ -179,8 +180,8 @@ class Overrides:
 
 
 NO_OVERRIDES = Overrides()
-# Process-wide, not per thread or context: autograd runs a CUDA backward on a thread of its own, and a
-# benchmark's forced configuration must reach it.
+# Process-wide, not per thread or context: autograd runs a CUDA backward on a thread of its own, which
+# must see the overrides of the code that called it.
 _overrides: list[Overrides] = [NO_OVERRIDES]
 
 

@@ -8,8 +8,8 @@ import triton.language as tl
 
 from .._common import Launch, cast_rtne
 from .configs import Config
-from .problem import Problem
 from .forward import _fwd_blocks
+from .problem import Problem
 from .tiles import _INTERPRETED, _LN2, _bounds, _d_pad, _doc_bounds
 
 

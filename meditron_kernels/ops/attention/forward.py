@@ -8,8 +8,7 @@ import triton.language as tl
 from .._common import Launch
 from .configs import Config
 from .problem import Problem
-from .tiles import (_LN2, _bounds, _dot_nt, _load, _load_qk, _make_desc, _mm, _positions, _store,
-                    _tile_ids)
+from .tiles import _LN2, _bounds, _dot_nt, _load, _load_qk, _make_desc, _mm, _positions, _store, _tile_ids
 
 
 @triton.jit
