@@ -130,13 +130,8 @@ def pinned(name: str, call, d: int, dtype) -> Provider:
 
     def run(inputs):
         configs = _pinned_configs(name, _cc_of(inputs["q"].device), inputs["q"].dtype, d)
-        saved = dict(A._FORCE_CONFIG)
-        A._FORCE_CONFIG.update(configs)
-        try:
+        with A.overrides(configs=configs):
             return call(inputs, "triton")
-        finally:
-            A._FORCE_CONFIG.clear()
-            A._FORCE_CONFIG.update(saved)
 
     def why_not(device):
         if device.type != "cuda":

@@ -63,8 +63,30 @@ def positive_float(v, name: str) -> None:
         raise ValueError(f"{name} must be a positive number, got {v!r}")
 
 
-# cu_seqlens values are checked once per tensor version: a trainer passes the same tensor
-# to every layer, so the host sync this costs happens once per step, not once per layer.
+# The host copy of an offsets tensor (cu_seqlens, cu_seqlens_k), per tensor version. A trainer passes
+# the same offsets to every layer, and both these checks and the attention kernels (whose grid covers
+# the longest document) need its values: together they cost one device-to-host sync per step.
+_host_offsets = WeakIdKeyDictionary()
+
+
+def offsets(cu: torch.Tensor) -> tuple[list[int], int]:
+    """(cu's values as a host list, the longest document's length): one host sync per version of cu,
+    then cached. The one place that reads offsets back from the device."""
+    hit = _host_offsets.get(cu)
+    if hit is None or hit[0] != cu._version:
+        values = cu.tolist()
+        hit = (cu._version, values, max((b - a for a, b in zip(values, values[1:])), default=0))
+        _host_offsets[cu] = hit
+    return hit[1], hit[2]
+
+
+def longest_document(cu: torch.Tensor) -> int:
+    """The number of tokens of the longest document that offsets ``cu`` delimit (see :func:`offsets`)."""
+    return offsets(cu)[1]
+
+
+# The (version, total, max_seqlen) each offsets tensor last passed its checks with: every layer of a
+# model checks the same one, which then costs a dictionary lookup.
 _checked_cu = WeakIdKeyDictionary()
 
 
@@ -86,7 +108,7 @@ def cu_seqlens(cu, total: int, max_seqlen, ref: torch.Tensor, name: str = "cu_se
     key = (cu._version, total, max_seqlen)
     if _checked_cu.get(cu) == key:
         return
-    values = cu.tolist()
+    values, longest = offsets(cu)
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
@@ -94,8 +116,8 @@ def cu_seqlens(cu, total: int, max_seqlen, ref: torch.Tensor, name: str = "cu_se
         raise ValueError(f"{name} must be non-decreasing, got {values}")
     if values[-1] != total:
         raise ValueError(f"{name} must end at the number of tokens in {tokens_of} ({total}), got {values[-1]}")
-    if max_seqlen is not None and max(lengths) > max_seqlen:
-        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest document ({max(lengths)} tokens)")
+    if max_seqlen is not None and longest > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest document ({longest} tokens)")
     _checked_cu[cu] = key
 
 
@@ -116,7 +138,7 @@ def key_lengths(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> None:
     """Per document: keys for every query, and with causal no more queries than keys."""
     if _tracing(cu_q):
         return
-    q, k = cu_q.tolist(), cu_k.tolist()
+    q, k = offsets(cu_q)[0], offsets(cu_k)[0]
     _check_key_counts([b - a for a, b in zip(q, q[1:])], [b - a for a, b in zip(k, k[1:])], causal, "document")
 
 

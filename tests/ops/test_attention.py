@@ -1,4 +1,4 @@
-"""The Triton flash attention (meditron_kernels/ops/attention.py) under the interpreter.
+"""The Triton flash attention (the package meditron_kernels/ops/attention/) under the interpreter.
 
 Accuracy rule (docs/design.md, "Accuracy rule"): max|out - ref64| <= 2 x max|out_torch - ref64| + atol, gradients 3x,
 where ref64 is the torch reference in float64 and out_torch the torch reference in the input dtype.
@@ -12,10 +12,14 @@ import torch
 
 import meditron_kernels as mk
 from meditron_kernels._static import ARCH_LIMITS, module_reports
+from meditron_kernels.ops._common import Launch
 from meditron_kernels.ops import attention as A
+from meditron_kernels.ops.attention import configs as C
 from helpers import MATRIX_DTYPES, assert_close_rule
 
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+FWD_OP = torch.ops.meditron_kernels.triton_flash_attention_fwd
+BWD_OP = torch.ops.meditron_kernels.triton_flash_attention_bwd
 
 
 def _cu(lengths):
@@ -81,7 +85,7 @@ def test_head_dim_256_and_softmax_scale():
 
 def test_log_sum_exp():
     q, k, v = _inputs((2, 37), 4, 2, 32, torch.float32)
-    o, lse = A._fwd_op(q, k, v, True, 0.5, None, 0, None, None, None)
+    o, lse = FWD_OP(q, k, v, True, 0.5, None, 0, None, None, None)
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(2, dim=2)) * 0.5
     s = s.masked_fill(~torch.ones(37, 37, dtype=torch.bool).tril(), float("-inf"))
     assert lse.shape == (2, 4, 37) and lse.dtype == torch.float32
@@ -176,17 +180,17 @@ def test_rotary_packed(with_pos):
 
 # ---------------------------------------------------------------------------- TMA descriptors
 @pytest.mark.parametrize("case", ["batched", "packed", "rotary"])
-def test_descriptor_path(monkeypatch, case):
+def test_descriptor_path(case):
     # The sm_90 path (tensor descriptors) under the interpreter, which enforces TMA's alignment rules.
-    monkeypatch.setattr(A, "_INTERPRET_TMA", True)
-    if case == "packed":
-        lengths = [13, 1, 40]
-        _check(*_inputs((54,), 4, 2, 32, torch.float16), causal=True, cu_seqlens=_cu(lengths), max_seqlen=40)
-    elif case == "rotary":
-        cos, sin = mk.rotary_cos_sin(37, 64)
-        _check(*_inputs((2, 37), 4, 1, 64, torch.float32), causal=True, rotary=(cos, sin))
-    else:
-        _check(*_inputs((2, 37), 4, 2, 32, torch.float16), causal=False)
+    with A.overrides(interpret_tma=True):
+        if case == "packed":
+            lengths = [13, 1, 40]
+            _check(*_inputs((54,), 4, 2, 32, torch.float16), causal=True, cu_seqlens=_cu(lengths), max_seqlen=40)
+        elif case == "rotary":
+            cos, sin = mk.rotary_cos_sin(37, 64)
+            _check(*_inputs((2, 37), 4, 1, 64, torch.float32), causal=True, rotary=(cos, sin))
+        else:
+            _check(*_inputs((2, 37), 4, 2, 32, torch.float16), causal=False)
 
 
 def test_descriptor_eligibility():
@@ -243,13 +247,13 @@ def test_opcheck():
     q, k, v = _inputs((1, 19), 4, 2, 32, torch.float32)
     for t in (q, k, v):
         t.requires_grad_()
-    torch.library.opcheck(A._fwd_op, (q, k, v, True, 0.25, None, 0, None, None, None))
+    torch.library.opcheck(FWD_OP, (q, k, v, True, 0.25, None, 0, None, None, None))
     lengths = [7, 1, 11]
     qp, kp, vp = (t.detach()[0].clone().requires_grad_() for t in (q, k, v))
     cos, sin = mk.rotary_cos_sin(19, 32)
-    torch.library.opcheck(A._fwd_op, (qp, kp, vp, False, 0.25, _cu(lengths), 11, cos, sin, None))
-    o, lse = A._fwd_op(q.detach(), k.detach(), v.detach(), True, 0.25, None, 0, None, None, None)
-    torch.library.opcheck(A._bwd_op, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, True, 0.25,
+    torch.library.opcheck(FWD_OP, (qp, kp, vp, False, 0.25, _cu(lengths), 11, cos, sin, None))
+    o, lse = FWD_OP(q.detach(), k.detach(), v.detach(), True, 0.25, None, 0, None, None, None)
+    torch.library.opcheck(BWD_OP, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, True, 0.25,
                                       None, 0, None, None, None))
 
 
@@ -284,9 +288,25 @@ def test_cu_seqlens_reused_across_calls():
     assert torch.equal(first, mk.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=9, backend="triton"))
 
 
+def test_offsets_read_back_once(monkeypatch):
+    # The argument checks and the kernels' grid (the longest document) share one host copy of the
+    # offsets: one device-to-host read per offsets tensor, over every layer's forward and backward.
+    lengths, lengths_k = [5, 9, 1], [7, 9, 3]
+    cu, cu_k = _cu(lengths), _cu(lengths_k)
+    q = torch.randn(15, 2, 32, requires_grad=True)
+    k, v = (torch.randn(19, 1, 32, requires_grad=True) for _ in range(2))
+    reads, tolist, item = [], torch.Tensor.tolist, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or item(t))
+    for _ in range(2):  # two layers
+        o = mk.flash_attention(q, k, v, cu_seqlens=cu, cu_seqlens_k=cu_k, backend="triton")
+        torch.autograd.grad(o.sum(), (q, k, v))
+    assert len(reads) == 2 and reads[0] is cu and reads[1] is cu_k
+
+
 # ---------------------------------------------------------------------------- configuration and static report
 def test_config_table_invariants():
-    tables = [A._TABLE, A._TABLE_PADDED, {k: [c] for k, c in A._TABLE_F32.items()}]
+    tables = [C._TABLE, C._TABLE_PADDED, {k: [c] for k, c in C._TABLE_F32.items()}]
     for table in tables:
         for key, cfgs in table.items():
             for c in cfgs:
@@ -294,7 +314,7 @@ def test_config_table_invariants():
                     assert c.block_m % c.block_n == 0, (key, c)
                 assert c.block_m >= 16 and c.block_n >= 16 and c.num_warps in (4, 8), (key, c)
     for kernel in ("fwd", "dq", "dkdv"):
-        c = A._INTERPRETER[kernel]
+        c = C._INTERPRETER[kernel]
         assert kernel == "dkdv" or c.block_m % c.block_n == 0
 
 
@@ -451,30 +471,38 @@ def test_sq_differs_from_sk_bad_inputs():
 
 # ---------------------------------------------------------------------------- decoding (split-KV)
 @pytest.mark.parametrize("splits,causal", [(3, True), (None, False)])
-def test_decode_kernel_over_key_splits(monkeypatch, splits, causal):
+def test_decode_kernel_over_key_splits(splits, causal):
     # group * sq <= DECODE_MAX_ROWS takes the decoding kernel: one program per (sequence, kv head),
     # keys split over programs when they would leave the (pretend, 4-SM) GPU idle, then merged.
-    monkeypatch.setattr(A, "_FORCE_SPLITS", splits)
     assert A.decode_splits(1, 70, 4, 16) == 5 and A.decode_splits(8, 70, 4, 16) == 1
-    _check(*_kv_inputs((1, 1), (1, 70), 8, 1, 64, torch.float16), causal=causal)  # 1 program: split
-    lens = torch.tensor([70, 2, 33], dtype=torch.int32)
-    _check(*_kv_inputs((3, 2), (3, 70), 4, 2, 32, torch.float32), causal=causal, seqlens_k=lens)
-    lq, lk = [1, 2, 0, 1], [40, 2, 3, 17]  # varlen decoding: packed queries against packed keys
-    _check(*_kv_inputs((sum(lq),), (sum(lk),), 4, 1, 32, torch.float16), causal=causal, cu_seqlens=_cu(lq),
-           cu_seqlens_k=_cu(lk))
+    with A.overrides(splits=splits):
+        _check(*_kv_inputs((1, 1), (1, 70), 8, 1, 64, torch.float16), causal=causal)  # 1 program: split
+        lens = torch.tensor([70, 2, 33], dtype=torch.int32)
+        _check(*_kv_inputs((3, 2), (3, 70), 4, 2, 32, torch.float32), causal=causal, seqlens_k=lens)
+        lq, lk = [1, 2, 0, 1], [40, 2, 3, 17]  # varlen decoding: packed queries against packed keys
+        _check(*_kv_inputs((sum(lq),), (sum(lk),), 4, 1, 32, torch.float16), causal=causal, cu_seqlens=_cu(lq),
+               cu_seqlens_k=_cu(lk))
 
 
-def test_decode_return_lse_merges_splits(monkeypatch):
-    monkeypatch.setattr(A, "_FORCE_SPLITS", 4)
+def test_decode_return_lse_merges_splits():
     q, k, v = _kv_inputs((2, 1), (2, 50), 4, 2, 32, torch.float32)
-    o, lse = mk.flash_attention(q, k, v, return_lse=True, backend="triton")
+    with A.overrides(splits=4):
+        o, lse = mk.flash_attention(q, k, v, return_lse=True, backend="triton")
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(2, dim=2)) / 32 ** 0.5
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- warp-specialized sm_90 candidates
-_WS_INTERPRETER = {"fwd": A.Config(32, 16, 4, 1, True), "dq": A.Config(32, 16, 4, 1, True),
-                   "dkdv": A.Config(16, 32, 4, 1, True)}
+def _launched(monkeypatch) -> list[tuple[str, bool]]:
+    """(name, WARP_SPEC) of every kernel launch from now on."""
+    seen, run = [], Launch.run
+
+    def spy(self):
+        seen.append((self.name, self.args.get("WARP_SPEC", False)))
+        run(self)
+
+    monkeypatch.setattr(Launch, "run", spy)
+    return seen
 
 
 @pytest.mark.parametrize("case", ["batched", "packed", "full"])
@@ -483,7 +511,6 @@ def test_warp_specialized_kernels_match_default(monkeypatch, case):
     # and dq's single masked loop, the statistics pass and its TMA reads, the dk/dv loop over every
     # query head of a group through one descriptor. Same blocks, same order, same arithmetic (a mask
     # that keeps everything changes no value): the results equal the default kernels' exactly.
-    monkeypatch.setattr(A, "_INTERPRET_TMA", True)
     if case == "packed":
         kw = dict(causal=True, cu_seqlens=_cu([13, 1, 40]), max_seqlen=40)
         q, k, v = _inputs((54,), 4, 2, 32, torch.float16)
@@ -494,17 +521,21 @@ def test_warp_specialized_kernels_match_default(monkeypatch, case):
         kw = dict(causal=False)
         q, k, v = _inputs((2, 37), 4, 1, 64, torch.float16)
     g = torch.randn(q.shape, dtype=torch.float64).to(q.dtype).double()
-    monkeypatch.setattr(A, "_CHOSEN", {})
-    o0, grads0 = _run("triton", q, k, v, g, **kw)
-    assert not any(c.warp_spec for c in A._CHOSEN.values())
-    monkeypatch.setattr(A, "_INTERPRETER", _WS_INTERPRETER)
-    monkeypatch.setattr(A, "_CHOSEN", {})
-    o1, grads1 = _run("triton", q, k, v, g, **kw)
-    assert sorted(key[0] for key, c in A._CHOSEN.items() if c.warp_spec) == ["dkdv", "dq", "fwd"]
-    assert torch.equal(o1, o0)
-    for a, b in zip(grads1, grads0):
-        assert torch.equal(a, b)
-    _check(q, k, v, **kw)  # and within the accuracy rule of the float64 reference
+    ws = {kernel: [c for c in A.candidates(kernel, None, q.dtype, q.shape[-1], warp_spec=True) if c.warp_spec][0]
+          for kernel in ("fwd", "dq", "dkdv")}
+    launched = _launched(monkeypatch)
+    with A.overrides(interpret_tma=True):
+        o0, grads0 = _run("triton", q, k, v, g, **kw)
+        assert launched == [("attention_fwd", False), ("attention_bwd_dq", False), ("attention_bwd_dkdv", False)]
+        launched.clear()
+        with A.overrides(interpret_tma=True, configs=ws):
+            o1, grads1 = _run("triton", q, k, v, g, **kw)
+        assert launched == [("attention_fwd", True), ("attention_bwd_stats", False), ("attention_bwd_dq", True),
+                            ("attention_bwd_dkdv", True)]
+        assert torch.equal(o1, o0)
+        for a, b in zip(grads1, grads0):
+            assert torch.equal(a, b)
+        _check(q, k, v, **kw)  # and within the accuracy rule of the float64 reference
 
 
 def test_warp_specialized_candidates_only_where_they_can_run():
@@ -514,10 +545,10 @@ def test_warp_specialized_candidates_only_where_they_can_run():
         assert not any(c.warp_spec for c in A.candidates("fwd", cc, torch.bfloat16, 128, warp_spec=True))
     for kernel in ("fwd", "dq", "dkdv"):  # today's defaults stay the defaults
         assert not A.candidates(kernel, 90, torch.bfloat16, 128, warp_spec=True)[0].warp_spec
-    for (kernel, cc, d, rotary), cfgs in A._TABLE_WS.items():
-        assert cc == 90 and not rotary and (kernel, cc, d, rotary) in A._TABLE
+    for (kernel, cc, d, rotary), cfgs in C._TABLE_WS.items():
+        assert cc == 90 and not rotary and (kernel, cc, d, rotary) in C._TABLE
         for c in cfgs:  # Triton warp-specializes num_warps=4 programs only, into two consumer warp groups
-            assert c.warp_spec and c.num_warps == 4 and c not in A._TABLE[(kernel, cc, d, rotary)], c
+            assert c.warp_spec and c.num_warps == 4 and c not in C._TABLE[(kernel, cc, d, rotary)], c
             assert kernel == "dkdv" or c.block_m % c.block_n == 0, c
     q = torch.randn(2, 8, 4, 64, dtype=torch.float16)
     assert A.warp_spec_ok(True, False, q) and not A.warp_spec_ok(True, True) and not A.warp_spec_ok(False, False)
@@ -530,7 +561,7 @@ def test_warp_specialized_static_report(static_reports):
     sm_90 into a TMA producer and MMA consumers: 12 warps, setmaxnreg, HGMMA, no spills."""
     reports = {r["kernel"].split("@")[0]: r for r in static_reports[90] if r["kernel"].startswith("attention_ws_")}
     names = {f"attention_ws_{dict(fwd='fwd', dq='bwd_dq', dkdv='bwd_dkdv')[key[0]]}_{c.block_m}x{c.block_n}_w4_"
-             f"s{c.num_stages}" for key, cfgs in A._TABLE_WS.items() if key[2] == 128 for c in cfgs}
+             f"s{c.num_stages}" for key, cfgs in C._TABLE_WS.items() if key[2] == 128 for c in cfgs}
     assert set(reports) == names | {"attention_ws_bwd_stats"}
     for name, r in reports.items():
         assert r["spill_bytes"] == 0 and r["shared_bytes"] <= ARCH_LIMITS[90]["smem_per_block"], r
