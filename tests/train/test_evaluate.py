@@ -17,7 +17,7 @@ from train.evaluate.__main__ import main
 from train.evaluate.runner import Settings, score_task
 from train.evaluate.scoring import extract_answer, last_logprobs, loglikelihood_tokens, majority_vote
 from train.evaluate.tasks import DataError, load_task, parse_tasks
-from train.tokenizer import ByteTokenizer
+from model.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_GENERATE = hasattr(Llama, "generate")
@@ -300,8 +300,6 @@ def test_cli_training_run_uses_its_tokenizer(data, tmp_path, capsys):
     assert res["tasks"]["mmlu_anatomy"]["n_questions"] == 3
 
 
-@pytest.mark.skipif(not hasattr(__import__("train.tokenizer").tokenizer, "save_tokenizer"),
-                    reason="needs the tokenizer export of python -m train.export")
 def test_cli_exported_hf_dir_brings_its_tokenizer(data, tmp_path):
     from train.config import Config
     from train.export import main as export_main

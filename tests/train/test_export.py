@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from train.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
+from model.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
 
 from tests.helpers import build_tokenizer_files
 
@@ -117,5 +117,7 @@ def test_generate_cli_from_a_run_and_from_its_export(trained_run, tmp_path):
 def test_generate_cli_user_errors(tmp_path, trained_run):
     r = _generate("--checkpoint", str(tmp_path), "--prompt", "x")
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    r = _generate("--checkpoint", str(tmp_path / "nonexistent"), "--prompt", "x")
+    assert r.returncode == 2 and "no such directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _generate("--checkpoint", trained_run, "--prompt", "x", "--max-new-tokens", "0")
     assert r.returncode == 2 and "max_new_tokens" in r.stderr
