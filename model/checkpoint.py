@@ -193,6 +193,14 @@ def tokenizer_spec(ckpt_path: str) -> str | None:
     return run_config(ckpt_path).get("data", {}).get("tokenizer")
 
 
+def parameter_dtype(ckpt_path: str) -> torch.dtype:
+    """The dtype the run's parameters computed in: bfloat16 for training.dtype = "bfloat16-params",
+    else float32 (float32 weights, autocast or not). The checkpoint itself always holds the float32
+    master weights."""
+    dtype = run_config(ckpt_path).get("training", {}).get("dtype", "float32")
+    return torch.bfloat16 if dtype == "bfloat16-params" else torch.float32
+
+
 def load_model(ckpt_path: str) -> Llama:
     """The full model of checkpoint ``ckpt_path``, in float32 on the CPU, whatever parallel layout
     wrote it (DCP reshards it into one model)."""

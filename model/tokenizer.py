@@ -6,7 +6,8 @@ tokens, ``encode_batch(texts)`` (the same, for many texts at once), ``decode(ids
 that prepared shards record, so shards made with one tokenizer are never read with another.
 
 ``save_tokenizer`` writes one into a Hugging Face model directory (the byte tokenizer as an
-equivalent tokenizer.json), and ``load_tokenizer`` of that directory gives it back.
+equivalent tokenizer.json), and ``load_tokenizer`` of that directory gives it back. Written so that
+transformers' ``AutoTokenizer(text)`` gives what training saw: BOS, then ``encode(text)``.
 """
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ class SentencePieceTokenizer:
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError(f"data.tokenizer {path!r}: the sentencepiece model defines no BOS/EOS pieces")
         self.fingerprint = f"sentencepiece-{_file_digest(path)}"
+
+    @property
+    def adds_dummy_prefix(self) -> bool:
+        """Whether the model's normaliser puts "▁" before a text (sentencepiece's add_dummy_prefix)."""
+        return self._sp.encode("a", out_type=str)[0].startswith("\u2581")
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -156,7 +162,16 @@ def byte_tokenizer_json():
     # One difference remains: tokenizers matches special tokens inside the text, so a literal "<s>" in
     # a text becomes id 256 rather than three bytes (load_tokenizer of the directory is exact).
     tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    tok.post_processor = _bos_first("<s>", ByteTokenizer.bos_id)
     return tok
+
+
+def _bos_first(bos: str, bos_id: int):
+    # transformers' fast tokenizers add special tokens only through the tokenizer.json's post-processor
+    # (tokenizer_config's add_bos_token alone does nothing there): BOS before each sequence, as trained.
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
 
 
 def save_tokenizer(tok, directory: str) -> list[str]:
@@ -171,7 +186,15 @@ def save_tokenizer(tok, directory: str) -> list[str]:
         shutil.copyfile(tok.path, os.path.join(directory, name))
     elif isinstance(tok, HFTokenizer):
         name, cls = "tokenizer.json", "PreTrainedTokenizerFast"
-        shutil.copyfile(tok.path, os.path.join(directory, name))
+        probe = "a b"
+        if tok._tok.encode(probe, add_special_tokens=True).ids == [tok.bos_id] + tok.encode(probe):
+            shutil.copyfile(tok.path, os.path.join(directory, name))  # its own post-processor adds BOS already
+        else:  # the same vocabulary and rules, with BOS added (training encodes without special tokens)
+            from tokenizers import Tokenizer
+
+            hf = Tokenizer.from_str(tok._tok.to_str())
+            hf.post_processor = _bos_first(_piece(tok, tok.bos_id), tok.bos_id)
+            hf.save(os.path.join(directory, name))
     elif isinstance(tok, ByteTokenizer):
         name, cls = "tokenizer.json", "PreTrainedTokenizerFast"
         byte_tokenizer_json().save(os.path.join(directory, name))
@@ -180,6 +203,10 @@ def save_tokenizer(tok, directory: str) -> list[str]:
     special = {"bos_token": _piece(tok, tok.bos_id), "eos_token": _piece(tok, tok.eos_id)}
     config = {"tokenizer_class": cls, **special, "add_bos_token": True, "add_eos_token": False,
               "clean_up_tokenization_spaces": False}
+    if isinstance(tok, SentencePieceTokenizer):
+        # transformers' Llama tokenizer puts a space before the text unless told otherwise; the model's
+        # own normaliser decides (Llama-2's adds one, a model trained with add_dummy_prefix=False does not)
+        config["add_prefix_space"] = tok.adds_dummy_prefix
     if isinstance(tok, ByteTokenizer):
         config[_BYTE_MARK] = ByteTokenizer.fingerprint  # load_tokenizer gives back ByteTokenizer itself
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:

@@ -6,7 +6,9 @@ PATH is a checkpoint directory (``.../checkpoints/step_00001000``) or a run dire
 newest complete checkpoint is taken. Checkpoints of any parallel layout load: DCP reshards
 them into one full model on the CPU. The tokenizer is the one the run's configuration names
 (data.tokenizer, as the checkpoint's meta.json or the run's config.json records it; a relative
-path is taken from the current directory, as training did), or --tokenizer.
+path is taken from the current directory, as training did), or --tokenizer. The weights are
+written in the dtype the run's parameters computed in (bfloat16 for training.dtype =
+bfloat16-params, else float32), or --dtype.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import sys
 
 import torch
 
-from model.checkpoint import CheckpointError, load_model, resolve_verified, tokenizer_spec
+from model.checkpoint import CheckpointError, load_model, parameter_dtype, resolve_verified, tokenizer_spec
 from model.tokenizer import load_tokenizer, save_tokenizer
 
 
@@ -28,7 +30,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory")
     p.add_argument("--out", required=True, help="output directory for the Hugging Face files")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: the run's parameter dtype, bfloat16 for "
+                        "training.dtype=bfloat16-params, else float32)")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--tokenizer", default=None,
                    help="byte, or a sentencepiece .model / HF tokenizer.json (default: the run's data.tokenizer)")
@@ -45,7 +49,7 @@ def main(argv=None) -> int:
         print(f"error: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
               f"{model.cfg.vocab_size}", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype) if args.dtype else parameter_dtype(ckpt_path)
     ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id) if tok is not None else {}
     model.save_hf(args.out, max_shard_size=int(args.max_shard_gb * 2**30), dtype=dtype, **ids)
     if tok is not None:
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
     else:
         print("warning: no run configuration names the tokenizer and no --tokenizer: exported without a "
               "tokenizer (special ids unknown)", file=sys.stderr)
-    print(f"exported {ckpt_path} -> {args.out}")
+    print(f"exported {ckpt_path} -> {args.out} ({str(dtype).removeprefix('torch.')})")
     return 0
 
 
