@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -31,11 +32,15 @@ def main(argv=None) -> int:
     try:
         model, tok = load(args.checkpoint, args.tokenizer, args.device, getattr(torch, args.dtype) if args.dtype else None)
         prompts = [[tok.bos_id] + tok.encode(text) for text in args.prompt]
-        out = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, stop_ids=(tok.eos_id,), seed=args.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, stop_ids=(tok.eos_id,), seed=args.seed)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for w in caught:  # one line each (e.g. a prompt that reached the context length)
+        print(f"warning: {w.message}", file=sys.stderr)
     for text, ids in zip(args.prompt, out):
         if ids and ids[-1] == tok.eos_id:
             ids = ids[:-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -340,9 +341,10 @@ class Llama(nn.Module):
         sequence decodes one token per step. temperature 0 is greedy; otherwise the softmax of
         logits / temperature is sampled from its top-p nucleus (the fewest most likely tokens whose
         probability reaches top_p). A sequence stops after a token in stop_ids (which is kept), after
-        max_new_tokens, or when prompt and continuation fill the context (cfg.max_seq_len). seed
-        makes sampling reproducible (a torch.Generator on the model's device); None draws from the
-        global generator. progress: a tqdm bar; None shows one for 256 or more new tokens.
+        max_new_tokens, or when prompt and continuation fill the context (cfg.max_seq_len; a
+        UserWarning says so in advance). seed makes sampling reproducible (a torch.Generator on the
+        model's device); None draws from the global generator. progress: a tqdm bar; None shows one
+        for 256 or more new tokens.
         """
         if self.tok_embeddings is None or self.output is None:
             raise ValueError("generate needs the whole model (this one lacks its embedding or its output head)")
@@ -350,6 +352,12 @@ class Llama(nn.Module):
         ctx = self.cfg.max_seq_len
         lengths = [len(p) for p in prompts]
         budget = [min(max_new_tokens, ctx - n) for n in lengths]
+        cut = [i for i, m in enumerate(budget) if m < max_new_tokens]
+        if cut:  # said once, up front, as transformers does; the sequence may still stop earlier at a stop id
+            more = f" (and {len(cut) - 1} more prompts)" if len(cut) > 1 else ""
+            warnings.warn(f"prompts[{cut[0]}] has {lengths[cut[0]]} tokens: the context (max_seq_len={ctx}) leaves "
+                          f"room for {budget[cut[0]]} of max_new_tokens={max_new_tokens}, and generation stops "
+                          f"there{more}", stacklevel=2)
         device, dtype = self.output.weight.device, self.output.weight.dtype
         # the last new token is returned, never fed back: it needs no cache row
         cache = KVCache(self.cfg, len(prompts), max(n + m - 1 for n, m in zip(lengths, budget)), dtype, device)

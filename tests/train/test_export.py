@@ -161,3 +161,13 @@ def test_generate_cli_user_errors(tmp_path, trained_run):
     assert r.returncode == 2 and "no such directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _generate("--checkpoint", trained_run, "--prompt", "x", "--max-new-tokens", "0")
     assert r.returncode == 2 and "max_new_tokens" in r.stderr
+
+
+def test_generate_cli_says_when_the_context_ends(trained_run):
+    # the tiny preset holds 1024 tokens: BOS + 1020 bytes leave room for 3 of the 8 asked for
+    r = _generate("--checkpoint", trained_run, "--prompt", "x" * 1020, "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "warning: prompts[0] has 1021 tokens: the context (max_seq_len=1024) leaves room for 3 of " \
+           "max_new_tokens=8" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
