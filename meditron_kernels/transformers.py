@@ -61,6 +61,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
 import meditron_kernels as mk
 
 from .backend import _check_name
+from .packing import cu_seqlens_from_positions
 
 __all__ = ["apply", "SUPPORTED", "meditron_attention"]
 
@@ -97,16 +98,10 @@ def _(mask):
 
 @torch.library.custom_op("meditron_kernels::hf_document_offsets", mutates_args=())
 def _document_offsets(position_ids: torch.Tensor) -> torch.Tensor:
-    """position_ids (batch, seq) -> cu_seqlens (n_docs + 1,) int32 over the flattened batch.
-
-    A document starts at every row start and wherever a position is not the previous one plus
-    one: the rule of transformers' find_packed_sequence_indices, so the documents are the ones
-    the unpatched model's masks keep apart."""
-    b, s = position_ids.shape
-    start = torch.ones(b, s, dtype=torch.bool, device=position_ids.device)
-    start[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    starts = start.reshape(-1).nonzero().reshape(-1).to(torch.int32)
-    return torch.cat((starts, starts.new_full((1,), b * s)))
+    """position_ids (batch, seq) -> cu_seqlens (n_docs + 1,) int32 over the flattened batch, by
+    transformers' own rule (find_packed_sequence_indices), so the documents are the ones the
+    unpatched model's masks keep apart. A custom op: its output size depends on the data."""
+    return cu_seqlens_from_positions(position_ids)
 
 
 @_document_offsets.register_fake

@@ -21,6 +21,7 @@ from torch import nn
 
 import meditron_kernels as mk
 from meditron_kernels.nn import RMSNorm, SwiGLU, init_normal_
+from meditron_kernels.packing import document_positions
 
 INIT_STD = 0.02  # of every projection that reads the residual stream, and of the embedding
 
@@ -187,7 +188,7 @@ class KVCache:
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=dev)
         cu[1:] = n.cumsum(0)
         self._rows = torch.repeat_interleave(torch.arange(len(lengths), device=dev), n.long())
-        self._slots = mk.reference.document_positions(cu, int(cu[-1]))
+        self._slots = document_positions(cu, int(cu[-1]))
         self._take = None
         self.lengths = n
         return dict(cu_seqlens=cu, max_seqlen=max(lengths), position_ids=self._slots[None])
