@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .backend import register
+from .packing import document_index, document_positions
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -185,13 +186,6 @@ def xielu(x: torch.Tensor, alpha_p: torch.Tensor, alpha_n: torch.Tensor, beta: f
 
 
 # ---------------------------------------------------------------------------- attention
-def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(total,) int64: each packed token's position inside its own document."""
-    idx = torch.arange(total, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
-    return idx - cu_seqlens.long()[doc]
-
-
 def _attention(q, k, v, scale, mask=None):
     # q (batch, sq, n_heads, d); k, v (batch, sk, n_kv_heads, d); mask broadcastable to (batch, 1, 1, sq, sk)
     # bool, True = attend. -> o (batch, sq, n_heads, d), lse (batch, n_heads, sq) in the scores' dtype
@@ -221,7 +215,7 @@ def _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen):
     # within max_seqlen - 1 of it, so each block attends to a band of keys: O(total x max_seqlen)
     # work instead of O(total^2). -> o (total, n_heads, d), lse (n_heads, total)
     total = q.shape[0]
-    doc = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=q.device), right=True)
+    doc = document_index(cu_seqlens, total)
     pos = torch.arange(total, device=q.device)
     band = max_seqlen if max_seqlen is not None else total
     block = max(band, 64)
@@ -303,7 +297,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
             total_k = k.shape[0]
             pos_k = position_ids.long() if position_ids is not None else document_positions(cu_k, total_k)
             # query token t of document j sits at key index cu_k[j+1] - (cu_q[j+1] - t)
-            doc = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(q.shape[0], device=q.device), right=True)
+            doc = document_index(cu_seqlens, q.shape[0])
             q_idx = cu_k.long()[doc + 1] - (cu_seqlens.long()[doc + 1] - torch.arange(q.shape[0], device=q.device))
             pos_q = pos_k[q_idx]
             q = _rotate_at(q, rotary, pos_q[:, None])

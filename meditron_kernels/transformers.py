@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 import sys
 import types
@@ -61,6 +62,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
 import meditron_kernels as mk
 
 from .backend import _check_name
+from .packing import cu_seqlens_from_positions
 
 __all__ = ["apply", "SUPPORTED", "meditron_attention"]
 
@@ -97,16 +99,10 @@ def _(mask):
 
 @torch.library.custom_op("meditron_kernels::hf_document_offsets", mutates_args=())
 def _document_offsets(position_ids: torch.Tensor) -> torch.Tensor:
-    """position_ids (batch, seq) -> cu_seqlens (n_docs + 1,) int32 over the flattened batch.
-
-    A document starts at every row start and wherever a position is not the previous one plus
-    one: the rule of transformers' find_packed_sequence_indices, so the documents are the ones
-    the unpatched model's masks keep apart."""
-    b, s = position_ids.shape
-    start = torch.ones(b, s, dtype=torch.bool, device=position_ids.device)
-    start[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    starts = start.reshape(-1).nonzero().reshape(-1).to(torch.int32)
-    return torch.cat((starts, starts.new_full((1,), b * s)))
+    """position_ids (batch, seq) -> cu_seqlens (n_docs + 1,) int32 over the flattened batch, by
+    transformers' own rule (find_packed_sequence_indices), so the documents are the ones the
+    unpatched model's masks keep apart. A custom op: its output size depends on the data."""
+    return cu_seqlens_from_positions(position_ids)
 
 
 @_document_offsets.register_fake
@@ -285,9 +281,22 @@ def _swap_decoder_class(layer: nn.Module) -> None:
     sub = _LAYER_CLASSES.get(cls)
     if sub is None:
         sub = type(cls.__name__, (cls,), {"forward": _decoder_forward, "__module__": cls.__module__,
-                                          "__qualname__": cls.__qualname__, "_meditron_base_class": cls})
+                                          "__qualname__": cls.__qualname__, "_meditron_base_class": cls,
+                                          "__reduce_ex__": _reduce_swapped_layer})
         _LAYER_CLASSES[cls] = sub
     layer.__class__ = sub
+
+
+def _reduce_swapped_layer(self, protocol):
+    # pickle names a class by module and qualified name, and by those this subclass is
+    # transformers' own class: rebuild from that class, swap again, then restore the state.
+    return _rebuild_swapped_layer, (self._meditron_base_class,), self.__dict__
+
+
+def _rebuild_swapped_layer(cls: type) -> nn.Module:
+    layer = cls.__new__(cls)
+    _swap_decoder_class(layer)
+    return layer
 
 
 # ---------------------------------------------------------------------------- model forwards
@@ -352,21 +361,41 @@ class _Options:
     def __deepcopy__(self, memo):  # immutable, and holds a module: a copied model shares it
         return self
 
+    def __reduce__(self):  # a module cannot be pickled, its name can
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _options_from, (dict(fields, modeling=self.modeling.__name__),)
+
+
+def _options_from(fields: dict) -> _Options:
+    return _Options(**dict(fields, modeling=importlib.import_module(fields["modeling"])))
+
 
 def _supported_classes() -> tuple[type, ...]:
     return tuple(getattr(transformers, name) for name in SUPPORTED)
 
 
-def _bind(module: nn.Module, fn, **extra) -> None:
-    # Per-instance forward: an instance attribute shadows the class's forward for this module only.
-    # The replacement calls the class's forward itself when it needs it, and holds no reference to
-    # the module, so copy.deepcopy of a patched model gives a patched copy.
-    def forward(self, *args, **kwargs):
-        return fn(self, *args, **extra, **kwargs)
+class _Forward:
+    """A patched module's forward: ``fn(module, *args, **extra, **kwargs)``.
 
-    # Trainer and generate read the accepted arguments from the signature: keep transformers' one.
-    forward.__signature__ = inspect.signature(type(module).forward)
-    module.forward = types.MethodType(forward, module)
+    Set as an instance attribute, it shadows the class's forward for this module only (``fn``
+    calls the class's forward itself when it needs it). A plain object of module-level parts
+    rather than a closure, so that pickle and copy.deepcopy copy it along with its module: the
+    copy is patched too."""
+
+    def __init__(self, module: nn.Module, fn, extra: dict):
+        self.module, self.fn, self.extra = module, fn, extra
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **self.extra, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # Trainer and generate read the accepted arguments from the signature: transformers' own.
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+
+def _bind(module: nn.Module, fn, **extra) -> None:
+    module.forward = _Forward(module, fn, extra)
 
 
 def apply(model, rms_norm: bool = True, rotary: bool = True, attention: bool = True, swiglu: bool = True,

@@ -8,40 +8,12 @@ stops at EOS, which is not printed. Several --prompt values run as one batch.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import warnings
 
 import torch
 
-
-def load(checkpoint: str, tokenizer: str | None = None, device: str = "cpu", dtype: str | None = None):
-    """-> (Llama, tokenizer) from an HF directory or a training run/checkpoint directory."""
-    from train.tokenizer import load_tokenizer
-
-    from .llama import Llama
-
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    is_hf = any(os.path.isfile(os.path.join(checkpoint, name))
-                for name in ("model.safetensors", "model.safetensors.index.json"))
-    if is_hf:
-        model = Llama.from_hf(checkpoint, device=device, dtype=torch_dtype)
-        spec = tokenizer or checkpoint
-    else:
-        from train.checkpoint import CheckpointError
-        from train.export import load_model, resolve_checkpoint, run_tokenizer_spec
-
-        try:
-            ckpt = resolve_checkpoint(checkpoint)
-        except CheckpointError as e:    # one line for the user, like every other bad argument
-            raise ValueError(str(e)) from None
-        spec = tokenizer or run_tokenizer_spec(ckpt)
-        if spec is None:
-            raise ValueError(f"{checkpoint}: no run config.json names the tokenizer; pass --tokenizer")
-        model = load_model(ckpt).to(device=device, dtype=torch_dtype or torch.float32)
-    tok = load_tokenizer(spec)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
-    return model.eval(), tok
+from .load import load
 
 
 def main(argv=None) -> int:
@@ -58,13 +30,17 @@ def main(argv=None) -> int:
                    help="default: the checkpoint's (HF) or float32 (training checkpoint)")
     args = p.parse_args(argv)
     try:
-        model, tok = load(args.checkpoint, args.tokenizer, args.device, args.dtype)
+        model, tok = load(args.checkpoint, args.tokenizer, args.device, getattr(torch, args.dtype) if args.dtype else None)
         prompts = [[tok.bos_id] + tok.encode(text) for text in args.prompt]
-        out = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, stop_ids=(tok.eos_id,), seed=args.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, stop_ids=(tok.eos_id,), seed=args.seed)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for w in caught:  # one line each (e.g. a prompt that reached the context length)
+        print(f"warning: {w.message}", file=sys.stderr)
     for text, ids in zip(args.prompt, out):
         if ids and ids[-1] == tok.eos_id:
             ids = ids[:-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 import meditron_kernels as mk
 from meditron_kernels.nn import RMSNorm, SwiGLU, init_normal_
+from meditron_kernels.packing import document_positions
 
 INIT_STD = 0.02  # of every projection that reads the residual stream, and of the embedding
 
@@ -186,7 +188,7 @@ class KVCache:
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=dev)
         cu[1:] = n.cumsum(0)
         self._rows = torch.repeat_interleave(torch.arange(len(lengths), device=dev), n.long())
-        self._slots = mk.reference.document_positions(cu, int(cu[-1]))
+        self._slots = document_positions(cu, int(cu[-1]))
         self._take = None
         self.lengths = n
         return dict(cu_seqlens=cu, max_seqlen=max(lengths), position_ids=self._slots[None])
@@ -340,9 +342,10 @@ class Llama(nn.Module):
         sequence decodes one token per step. temperature 0 is greedy; otherwise the softmax of
         logits / temperature is sampled from its top-p nucleus (the fewest most likely tokens whose
         probability reaches top_p). A sequence stops after a token in stop_ids (which is kept), after
-        max_new_tokens, or when prompt and continuation fill the context (cfg.max_seq_len). seed
-        makes sampling reproducible (a torch.Generator on the model's device); None draws from the
-        global generator. progress: a tqdm bar; None shows one for 256 or more new tokens.
+        max_new_tokens, or when prompt and continuation fill the context (cfg.max_seq_len; a
+        UserWarning says so in advance). seed makes sampling reproducible (a torch.Generator on the
+        model's device); None draws from the global generator. progress: a tqdm bar; None shows one
+        for 256 or more new tokens.
         """
         if self.tok_embeddings is None or self.output is None:
             raise ValueError("generate needs the whole model (this one lacks its embedding or its output head)")
@@ -350,6 +353,12 @@ class Llama(nn.Module):
         ctx = self.cfg.max_seq_len
         lengths = [len(p) for p in prompts]
         budget = [min(max_new_tokens, ctx - n) for n in lengths]
+        cut = [i for i, m in enumerate(budget) if m < max_new_tokens]
+        if cut:  # said once, up front, as transformers does; the sequence may still stop earlier at a stop id
+            more = f" (and {len(cut) - 1} more prompts)" if len(cut) > 1 else ""
+            warnings.warn(f"prompts[{cut[0]}] has {lengths[cut[0]]} tokens: the context (max_seq_len={ctx}) leaves "
+                          f"room for {budget[cut[0]]} of max_new_tokens={max_new_tokens}, and generation stops "
+                          f"there{more}", stacklevel=2)
         device, dtype = self.output.weight.device, self.output.weight.dtype
         # the last new token is returned, never fed back: it needs no cache row
         cache = KVCache(self.cfg, len(prompts), max(n + m - 1 for n, m in zip(lengths, budget)), dtype, device)

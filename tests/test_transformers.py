@@ -209,6 +209,29 @@ def test_trl_sft_trainer_matches_unpatched(tmp_path):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_patched_model_pickles_and_deep_copies_patched(arch):
+    import io
+    import pickle
+
+    pat = mkt.apply(_model(arch))
+    buf = io.BytesIO()
+    torch.save(pat, buf)  # whole-module pickling, as the unpatched model allows
+    buf.seek(0)
+    copies = [torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(pat)), copy.deepcopy(pat)]
+    batch = _padded_batch()
+    want = _run(pat, batch)
+    for other in copies:
+        assert other._meditron_kernels == pat._meditron_kernels
+        layer = other.model.layers[0]
+        assert type(layer) is type(pat.model.layers[0]) and layer._meditron_opts == pat.model.layers[0]._meditron_opts
+        assert vars(layer.self_attn)["forward"].module is layer.self_attn  # bound to the copy, not the original
+        got = _run(other, batch)
+        assert got[3] is None  # still the fused loss: the copy is patched
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+        assert all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+
+
 def test_gradient_checkpointing_still_applies():
     ref = mkt.apply(_model("qwen3"))
     ckpt = copy.deepcopy(ref)  # a copy of a patched model is patched

@@ -8,17 +8,15 @@ temporary name, the manifest last (atomically), and the directory renamed once c
 kill mid-save leaves the previous one intact. Resume and export verify the manifest before
 loading anything: a flipped byte or a truncated file is named, never loaded.
 
-Hashing is split by writer: rank r hashes the DCP files it wrote (``__<r>_*.distcp``) and its
-``extra_rank<r>.pt``; rank 0 hashes the rest (``.metadata``, ``meta.json``) and writes the
-manifest. Verification splits the files the same way over the ranks of the loading job.
+Reading (finding, verifying, loading the model alone) lives in ``model.checkpoint``, so that
+the model package reads runs without the trainer; its names are re-exported here. This module
+adds writing, pruning and the full restore (optimizer, scheduler, RNG) that resuming needs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 
@@ -28,14 +26,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-_NAME = re.compile(r"step_(\d{8})")
-MANIFEST = "manifest.json"
-_OWNED = (re.compile(r"(?:.*/)?__(\d+)_\d+\.distcp"), re.compile(r"extra_rank(\d+)\.pt"))
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (corrupt, truncated, incomplete or unreadable); the
-    message is one line naming the checkpoint and the file."""
+from model.checkpoint import (MANIFEST, CheckpointError, complete_checkpoints, file_digest, file_owner,  # noqa: F401
+                              gather_objects, newest_valid, read_meta, resolve_verified, verify)
 
 
 def _rank() -> int:
@@ -51,40 +43,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _owner(rel: str) -> int:
-    """The rank that wrote (and hashes) file ``rel`` of a checkpoint directory."""
-    for pattern in _OWNED:
-        m = pattern.fullmatch(rel)
-        if m:
-            return int(m.group(1))
-    return 0
-
-
 def _files(root: str) -> list[str]:
     out = []
     for d, _, names in os.walk(root):
         out += [os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/") for n in names]
     return sorted(out)
-
-
-def file_digest(path: str) -> dict:
-    """{"size", "sha256"} of a file, read in 4 MiB chunks (memory stays flat for any size)."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
-
-
-def _gather(obj) -> list:
-    """obj of every rank, on every rank (a list of one outside a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -96,49 +59,6 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def verify(path: str) -> str | None:
-    """Check checkpoint ``path`` against its manifest; -> None when every file matches, else
-    the first problem, naming the file. Collective in a process group: each rank hashes its
-    share of the files and all ranks return the same answer."""
-    problem = None
-    manifest_path = os.path.join(path, MANIFEST)
-    files = {}
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        if not isinstance(files, dict) or not files:
-            raise ValueError("no files listed")
-        for required in ("meta.json", "state/.metadata"):
-            if required not in files:
-                raise ValueError(f"{required} not listed")
-    except FileNotFoundError:
-        problem = f"{MANIFEST} missing (an incomplete checkpoint, or one written before manifests)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        problem = f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
-    if problem is None:
-        rank, world = _rank(), _world()
-        for rel in sorted(files):
-            if _owner(rel) % world != rank:
-                continue
-            want, full = files[rel], os.path.join(path, rel)
-            if not isinstance(want, dict) or not {"size", "sha256"} <= want.keys():
-                problem = f"{MANIFEST} unreadable (entry {rel!r} malformed)"
-                break
-            if not os.path.isfile(full):
-                problem = f"{rel} missing"
-                break
-            size = os.path.getsize(full)
-            if size != want["size"]:
-                problem = f"{rel} has {size} bytes, the manifest says {want['size']} (truncated or overwritten)"
-                break
-            if file_digest(full)["sha256"] != want["sha256"]:
-                problem = f"{rel}: sha256 does not match the manifest (corrupt)"
-                break
-    problems = [p for p in _gather(problem) if p is not None]
-    return problems[0] if problems else None
-
-
 def set_aside(path: str) -> str:
     """Rename a checkpoint that failed verification to rejected-<name> (never deleted)."""
     parent, name = os.path.split(path)
@@ -148,51 +68,6 @@ def set_aside(path: str) -> str:
         target = os.path.join(parent, f"rejected-{name}.{n}")
     os.replace(path, target)
     return target
-
-
-def read_meta(path: str) -> dict:
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        if not isinstance(meta, dict) or "step" not in meta:
-            raise ValueError("not a checkpoint's meta.json")
-        return meta
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: meta.json unreadable ({type(e).__name__}: {e})") from None
-
-
-def newest_valid(found: list[tuple[int, str]]) -> tuple[str | None, list[str]]:
-    """The newest of ``found`` (complete_checkpoints' list) that verifies, and one
-    "name: problem" line per newer checkpoint that did not. Collective in a process group."""
-    rejected = []
-    for _, path in reversed(found):
-        problem = verify(path)
-        if problem is None:
-            return path, rejected
-        rejected.append(f"{os.path.basename(path)}: {problem}")
-    return None, rejected
-
-
-def resolve_verified(path: str, note=None) -> str:
-    """A checkpoint to read, verified: ``path`` itself when it is a checkpoint directory, else
-    the newest checkpoint of run directory ``path`` (or of its checkpoints/) that verifies;
-    ``note`` (a print-like callable) hears about newer ones that did not. Raises
-    CheckpointError (a corrupt checkpoint) or FileNotFoundError (none at all)."""
-    if any(os.path.isfile(os.path.join(path, n)) for n in ("meta.json", MANIFEST)):
-        problem = verify(path)
-        if problem is not None:
-            raise CheckpointError(f"{path}: {problem}")
-        return path
-    for candidate in (os.path.join(path, "checkpoints"), path):
-        found = complete_checkpoints(candidate)
-        if found:
-            best, rejected = newest_valid(found)
-            if best is None:
-                raise CheckpointError(f"{candidate}: no checkpoint verifies ({'; '.join(rejected)})")
-            if rejected and note is not None:
-                note(f"{'; '.join(rejected)}; using {os.path.basename(best)}, the newest checkpoint that verifies")
-            return best
-    raise FileNotFoundError(f"{path}: no complete checkpoint (a step_XXXXXXXX directory with meta.json) found")
 
 
 def rng_state() -> dict:
@@ -239,20 +114,6 @@ def set_state_dicts(model_parts, optimizer, msd: dict, osd: dict) -> None:
         set_state_dict(part, opt, model_state_dict=msd, optim_state_dict=osd, options=options)
 
 
-def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every checkpoint directory under its final name, oldest first. Only a
-    finished save is renamed to that name; verify() tells whether it is still intact."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    found = []
-    for name in os.listdir(ckpt_dir):
-        m = _NAME.fullmatch(name)
-        d = os.path.join(ckpt_dir, name)
-        if m and (os.path.isfile(os.path.join(d, "meta.json")) or os.path.isfile(os.path.join(d, MANIFEST))):
-            found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
 def _run_id_of(path: str) -> str | None:
     try:
         with open(os.path.join(path, "meta.json")) as f:
@@ -295,8 +156,8 @@ def save(ckpt_dir: str, step: int, model, optimizer, scheduler, meta: dict, keep
     # every rank hashes what it wrote (rank 0 also .metadata and meta.json), in parallel
     world = _world()
     mine = {rel: file_digest(os.path.join(tmp, rel)) for rel in _files(tmp)
-            if _owner(rel) == rank or (rank == 0 and _owner(rel) >= world)}
-    digests = _gather(mine)
+            if file_owner(rel) == rank or (rank == 0 and file_owner(rel) >= world)}
+    digests = gather_objects(mine)
     if rank == 0:
         files = {}
         for d in digests:

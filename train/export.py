@@ -4,25 +4,21 @@ transformers.LlamaForCausalLM and AutoTokenizer.
 
 PATH is a checkpoint directory (``.../checkpoints/step_00001000``) or a run directory, whose
 newest complete checkpoint is taken. Checkpoints of any parallel layout load: DCP reshards
-them into one full model on the CPU. The tokenizer is the one the run's config.json names
-(data.tokenizer; a relative path is taken from the current directory, as training did), or
---tokenizer.
+them into one full model on the CPU. The tokenizer is the one the run's configuration names
+(data.tokenizer, as the checkpoint's meta.json or the run's config.json records it; a relative
+path is taken from the current directory, as training did), or --tokenizer. The weights are
+written in the dtype the run's parameters computed in (bfloat16 for training.dtype =
+bfloat16-params, else float32), or --dtype.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import warnings
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from model import Llama, LlamaConfig
-
-from .checkpoint import CheckpointError, resolve_verified
-from .tokenizer import load_tokenizer, save_tokenizer
+from model.checkpoint import CheckpointError, load_model, parameter_dtype, resolve_verified, tokenizer_spec
+from model.tokenizer import load_tokenizer, save_tokenizer
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -30,43 +26,20 @@ def resolve_checkpoint(path: str) -> str:
     return resolve_verified(path, note=lambda msg: print(f"note: {msg}", file=sys.stderr))
 
 
-def run_tokenizer_spec(ckpt_path: str) -> str | None:
-    """data.tokenizer of the run that wrote the checkpoint (its config.json, two levels up), or None."""
-    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), "config.json")
-    if not os.path.isfile(config):
-        return None
-    with open(config) as f:
-        return json.load(f).get("data", {}).get("tokenizer")
-
-
-def load_model(ckpt_path: str) -> Llama:
-    """The full model of a checkpoint, in float32 on the CPU."""
-    with open(os.path.join(ckpt_path, "meta.json")) as f:
-        meta = json.load(f)
-    with torch.device("meta"):
-        model = Llama(LlamaConfig(**meta["model_config"]))
-    model.to_empty(device="cpu")
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, checkpoint_id=os.path.join(ckpt_path, "state"))
-    model.load_state_dict(state["model"])
-    model.init_rope()
-    return model
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory")
     p.add_argument("--out", required=True, help="output directory for the Hugging Face files")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: the run's parameter dtype, bfloat16 for "
+                        "training.dtype=bfloat16-params, else float32)")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--tokenizer", default=None,
                    help="byte, or a sentencepiece .model / HF tokenizer.json (default: the run's data.tokenizer)")
     args = p.parse_args(argv)
     try:
         ckpt_path = resolve_checkpoint(args.checkpoint)
-        spec = args.tokenizer or run_tokenizer_spec(ckpt_path)
+        spec = args.tokenizer or tokenizer_spec(ckpt_path)
         tok = load_tokenizer(spec) if spec is not None else None
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -76,14 +49,15 @@ def main(argv=None) -> int:
         print(f"error: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
               f"{model.cfg.vocab_size}", file=sys.stderr)
         return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else parameter_dtype(ckpt_path)
     ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id) if tok is not None else {}
-    model.save_hf(args.out, max_shard_size=int(args.max_shard_gb * 2**30), dtype=getattr(torch, args.dtype), **ids)
+    model.save_hf(args.out, max_shard_size=int(args.max_shard_gb * 2**30), dtype=dtype, **ids)
     if tok is not None:
         save_tokenizer(tok, args.out)
     else:
-        print("warning: no run config.json next to the checkpoint and no --tokenizer: exported without a "
+        print("warning: no run configuration names the tokenizer and no --tokenizer: exported without a "
               "tokenizer (special ids unknown)", file=sys.stderr)
-    print(f"exported {ckpt_path} -> {args.out}")
+    print(f"exported {ckpt_path} -> {args.out} ({str(dtype).removeprefix('torch.')})")
     return 0
 
 

@@ -43,8 +43,9 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
+from model.tokenizer import ByteTokenizer, load_tokenizer
+
 from .data import ShardError, load_shard, token_dtype, write_meta
-from .tokenizer import ByteTokenizer, load_tokenizer
 
 PLAN_VERSION = 1
 # Texts are tokenised and turned into arrays a batch at a time, so that a worker never holds a

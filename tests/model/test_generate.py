@@ -1,4 +1,6 @@
 """Llama.generate: KV cache against full recomputation and against transformers, sampling, stops, errors."""
+import warnings
+
 import pytest
 import torch
 
@@ -90,9 +92,14 @@ def test_stop_ids_stop_each_sequence():
 def test_generation_stops_at_the_context():
     model = _model()
     long = list(range(1, 62))  # 61 tokens of a 64-token context
-    out = model.generate([long, [3]], max_new_tokens=10)
+    with pytest.warns(UserWarning, match=r"prompts\[0\] has 61 tokens: .*max_seq_len=64\) leaves room for 3 of "
+                      r"max_new_tokens=10"):
+        out = model.generate([long, [3]], max_new_tokens=10)
     assert len(out[0]) == 3 and len(out[1]) == 10
     assert out[0] == _greedy_by_recomputation(model, long, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # room enough: no warning
+        model.generate([long], max_new_tokens=3)
 
 
 def test_cache_is_gqa_sized_in_the_model_dtype():

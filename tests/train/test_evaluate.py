@@ -17,7 +17,7 @@ from train.evaluate.__main__ import main
 from train.evaluate.runner import Settings, score_task
 from train.evaluate.scoring import extract_answer, last_logprobs, loglikelihood_tokens, majority_vote
 from train.evaluate.tasks import DataError, load_task, parse_tasks
-from train.tokenizer import ByteTokenizer
+from model.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_GENERATE = hasattr(Llama, "generate")
@@ -103,6 +103,36 @@ def test_malformed_files_name_file_and_line(tmp_path, case):
     with pytest.raises(DataError, match=match) as e:
         load_task(task, root)
     assert f"{full}:{line}" in str(e.value)
+
+
+def test_wrong_shapes_say_what_they_are(tmp_path):
+    root = write_data(tmp_path)
+    medqa = os.path.join(root, "medqa_4options", "phrases_no_exclude_test.jsonl")
+    _edit_line(medqa, 2, lambda s: json.dumps({k: v for k, v in json.loads(s).items() if k != "answer_idx"}))
+    with pytest.raises(DataError, match=f"{medqa}:2: field 'answer_idx' missing"):
+        load_task("medqa_4options", root)
+
+    pubmedqa = os.path.join(root, "pubmedqa", "test_set.json")
+    records = list(json.load(open(pubmedqa)).values())
+    json.dump(records, open(pubmedqa, "w"))  # valid JSON, but a list instead of {PMID: record}
+    with pytest.raises(DataError, match="valid JSON, but one JSON array; expected one JSON object") as e:
+        load_task("pubmedqa", root)
+    assert "not valid JSON" not in str(e.value)
+
+    medmcqa = os.path.join(root, "medmcqa", "dev.json")
+    records = [json.loads(line) for line in open(medmcqa)]
+    json.dump(records, open(medmcqa, "w"), indent=1)  # one JSON array, not JSON lines
+    with pytest.raises(DataError, match="valid JSON, but one JSON array rather than JSON lines"):
+        load_task("medmcqa", root)
+
+
+def test_empty_demonstration_file_is_named(tmp_path):
+    root = write_data(tmp_path)
+    train = os.path.join(root, "medmcqa", "train.json")
+    open(train, "w").close()
+    with pytest.raises(DataError, match=f"{train}: no questions"):
+        load_task("medmcqa", root)
+    assert load_task("medmcqa", root, demonstrations=False).questions  # zero-shot does not read it
 
 
 def test_missing_file_and_unknown_task(tmp_path, data):
@@ -284,6 +314,27 @@ def test_cli_hf_checkpoint_writes_results_predictions_and_table(data, hf_dir, tm
     assert "mmlu_medical" in table and "mmlu_anatomy" in table and "±" in table
 
 
+def test_table_columns_align_for_every_method():
+    from train.evaluate.__main__ import table
+
+    def res(method, subtasks=None):
+        r = dict(method=method, shots=3, n_questions=1273, accuracy=0.5, stderr=0.01)
+        if subtasks:
+            r["subtasks"] = {s: dict(n_questions=7, accuracy=0.25, stderr=0.1) for s in subtasks}
+        return r
+
+    lines = table({"medqa_4options": res("loglikelihood"),
+                   "pubmedqa": res("self-consistency (majority of 5 samples, temperature 0.8)"),
+                   "mmlu_medical": res("generation (greedy)", ["mmlu_professional_medicine_with_a_long_name"])
+                   }).splitlines()
+    body = [x for x in lines if "±" in x]
+    assert len(body) == 4 and "self-consistency" in lines[3]
+    for col in ("±", "."):  # the accuracy column, and its decimal point
+        assert len({x.index(col) for x in body}) == 1, "\n".join(lines)
+    assert len({x.rindex(" ", 0, x.index("±") - 8) for x in body}) == 1  # the n column ends in one place
+    assert lines[0].index("accuracy") == body[0].index("±") - 7
+
+
 def test_cli_training_run_uses_its_tokenizer(data, tmp_path, capsys):
     from train.config import Config
     from train.trainer import run
@@ -300,8 +351,6 @@ def test_cli_training_run_uses_its_tokenizer(data, tmp_path, capsys):
     assert res["tasks"]["mmlu_anatomy"]["n_questions"] == 3
 
 
-@pytest.mark.skipif(not hasattr(__import__("train.tokenizer").tokenizer, "save_tokenizer"),
-                    reason="needs the tokenizer export of python -m train.export")
 def test_cli_exported_hf_dir_brings_its_tokenizer(data, tmp_path):
     from train.config import Config
     from train.export import main as export_main

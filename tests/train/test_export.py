@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from train.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
+from model.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
 
 from tests.helpers import build_tokenizer_files
 
@@ -44,6 +45,22 @@ def test_byte_tokenizer_json_is_the_byte_tokenizer_for_transformers(tmp_path):
     assert HFTokenizer(str(tmp_path / "tokenizer.json")).encode(SAMPLE) == ids
 
 
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece", "hf"])
+def test_saved_tokenizer_in_transformers_adds_bos_as_training_does(kind, tokenizer_files, tmp_path):
+    # training feeds BOS + encode(text): transformers' default call must give the same ids
+    transformers = pytest.importorskip("transformers")
+    if kind == "sentencepiece":
+        pytest.importorskip("google.protobuf", reason="transformers reads a sentencepiece model through protobuf")
+    tok = load_tokenizer("byte" if kind == "byte" else tokenizer_files[kind])
+    save_tokenizer(tok, str(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in (SAMPLE, "The patient", " leading space"):
+        assert hf(text)["input_ids"] == [tok.bos_id] + tok.encode(text), text
+        assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
+        assert hf.decode(hf(text)["input_ids"], skip_special_tokens=True) == tok.decode(tok.encode(text))
+    assert load_tokenizer(str(tmp_path)).encode(SAMPLE) == tok.encode(SAMPLE)  # and ours reads it back the same
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     from train.config import Config
@@ -74,6 +91,29 @@ def test_export_writes_the_tokenizer_and_its_special_ids(trained_run, tmp_path):
     hf = transformers.LlamaForCausalLM.from_pretrained(out)
     assert hf.generation_config.eos_token_id == 257  # transformers' generate stops at this run's EOS
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token_id == 257
+
+
+def test_export_defaults_to_the_runs_parameter_dtype(trained_run, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from train.export import main as export_main
+
+    assert export_main(["--checkpoint", trained_run, "--out", str(tmp_path / "a")]) == 0  # a float32 run
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert "(float32)" in capsys.readouterr().out
+    assert export_main(["--checkpoint", trained_run, "--out", str(tmp_path / "b"), "--dtype", "bfloat16"]) == 0
+    with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_parameter_dtype_follows_training_dtype(tmp_path):
+    from model.checkpoint import parameter_dtype
+
+    for training, want in (("float32", torch.float32), ("bfloat16", torch.float32),
+                           ("bfloat16-params", torch.bfloat16)):
+        (tmp_path / "meta.json").write_text(json.dumps({"step": 1, "config": {"training": {"dtype": training}}}))
+        assert parameter_dtype(str(tmp_path)) == want
 
 
 def test_export_with_a_sentencepiece_tokenizer(trained_run, tokenizer_files, tmp_path):
@@ -117,5 +157,17 @@ def test_generate_cli_from_a_run_and_from_its_export(trained_run, tmp_path):
 def test_generate_cli_user_errors(tmp_path, trained_run):
     r = _generate("--checkpoint", str(tmp_path), "--prompt", "x")
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    r = _generate("--checkpoint", str(tmp_path / "nonexistent"), "--prompt", "x")
+    assert r.returncode == 2 and "no such directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _generate("--checkpoint", trained_run, "--prompt", "x", "--max-new-tokens", "0")
     assert r.returncode == 2 and "max_new_tokens" in r.stderr
+
+
+def test_generate_cli_says_when_the_context_ends(trained_run):
+    # the tiny preset holds 1024 tokens: BOS + 1020 bytes leave room for 3 of the 8 asked for
+    r = _generate("--checkpoint", trained_run, "--prompt", "x" * 1020, "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "warning: prompts[0] has 1021 tokens: the context (max_seq_len=1024) leaves room for 3 of " \
+           "max_new_tokens=8" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+

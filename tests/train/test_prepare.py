@@ -15,7 +15,7 @@ import pytest
 from train import corpus as bundled
 from train.data import Corpus, ShardError, load_shard, write_shard
 from train.prepare import PrepareError, main, prepare
-from train.tokenizer import ByteTokenizer, load_tokenizer
+from model.tokenizer import ByteTokenizer, load_tokenizer
 
 from tests.helpers import build_tokenizer_files
 

@@ -85,14 +85,18 @@ def settings(args) -> Settings:
 
 
 def table(results: dict) -> str:
-    lines = [f"{'task':<28} {'method':<14} {'shots':>5} {'n':>6}  accuracy", "-" * 70]
+    # columns as wide as their longest entry ("self-consistency" is wider than a fixed 14)
+    rows = []
     for name, r in results.items():
-        method = r["method"].split(" ")[0]
-        lines.append(f"{name:<28} {method:<14} {r['shots']:>5} {r['n_questions']:>6}  "
-                     f"{100 * r['accuracy']:6.2f} ± {100 * r['stderr']:.2f}")
-        for sub, v in r.get("subtasks", {}).items():
-            lines.append(f"  {sub:<26} {'':<14} {'':>5} {v['n_questions']:>6}  "
-                         f"{100 * v['accuracy']:6.2f} ± {100 * v['stderr']:.2f}")
+        rows.append((name, r["method"].split(" ")[0], str(r["shots"]), r))
+        rows += [(f"  {sub}", "", "", v) for sub, v in r.get("subtasks", {}).items()]
+    wt = max([len("task")] + [len(x[0]) for x in rows])
+    wm = max([len("method")] + [len(x[1]) for x in rows])
+    head = f"{'task':<{wt}} {'method':<{wm}} {'shots':>5} {'n':>6}  accuracy"
+    lines = [head, "-" * (len(head) + 8)]
+    for name, method, shots, v in rows:
+        lines.append(f"{name:<{wt}} {method:<{wm}} {shots:>5} {v['n_questions']:>6}  "
+                     f"{100 * v['accuracy']:6.2f} ± {100 * v['stderr']:.2f}")
     return "\n".join(lines)
 
 

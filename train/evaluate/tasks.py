@@ -68,10 +68,24 @@ def _jsonl(path: str):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
+                shape = _whole_file_shape(path)
+                if shape is not None:
+                    raise DataError(f"{path}: valid JSON, but one {shape} rather than JSON lines (one object per "
+                                    "line)") from None
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             yield n, obj
+
+
+def _whole_file_shape(path: str) -> str | None:
+    """"a JSON array" (or object, ...) when the whole file is one valid JSON document, else None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except ValueError:
+        return None
+    return {list: "JSON array", dict: "JSON object"}.get(type(doc), f"JSON {type(doc).__name__}")
 
 
 def _json_object_members(path: str):
@@ -95,6 +109,11 @@ def _json_object_members(path: str):
             raise DataError(f"{path}:{line(pos)}: not valid JSON (expected {ch!r})")
         return pos + 1
 
+    if not text[skip(0):].startswith("{"):
+        shape = _whole_file_shape(path)
+        if shape is not None:
+            raise DataError(f"{path}: valid JSON, but one {shape}; expected one JSON object mapping each PMID "
+                            "to its record")
     pos = expect(0, "{")
     if skip(pos) < len(text) and text[skip(pos)] == "}":
         return
@@ -145,6 +164,8 @@ def _medqa(path: str, task: str) -> list[Question]:
                             f"(the 4-options release), got {options!r}"[:200])
         texts = tuple(_str(options, k, f"{where}: options") for k in LETTERS)
         idx = obj.get("answer_idx")
+        if "answer_idx" not in obj:
+            raise DataError(f"{where}: field 'answer_idx' missing (the letter of the answer: A, B, C or D)")
         if idx not in LETTERS:
             raise DataError(f"{where}: answer_idx {idx!r} is not one of the options A, B, C, D")
         if "answer" in obj and obj["answer"] != options[idx]:
@@ -249,5 +270,7 @@ def load_task(name: str, data_dir: str, demonstrations: bool = True) -> TaskData
         files.append(test)
         if demonstrations:
             pools[sub] = read(train, sub)
+            if not pools[sub]:
+                raise DataError(f"{train}: no questions (the demonstrations of a few-shot prompt)")
             files.append(train)
     return TaskData(name, questions, pools, files)
