@@ -80,3 +80,10 @@ def test_planner_single_runs_print_the_readme_figure(capsys):
         out = _plan(command, capsys)
         tokens = re.search(r"^tokens/s ([\d,]+) ", out, re.M).group(1)
         assert f"| {tokens} |" in PLANNER, (command, tokens)
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs the suite exactly as the README tells a user to."""
+    command = _commands(README, "python -m pytest")[0]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci, (command, [line for line in ci if "pytest" in line])
