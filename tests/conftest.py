@@ -26,10 +26,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 # the default ran several times slower than at one thread each), so each worker, and what it
 # launches (torchrun, subprocesses), gets its share; set before torch is imported, which sizes
 # its OpenMP pool.
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _THREADS = None
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    _THREADS = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _THREADS = max(1, _CPUS // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 import zlib  # noqa: E402
@@ -88,6 +88,16 @@ def _long_files_first(items):
         if item.get_closest_marker("slow") or item.get_closest_marker("distributed"):
             long[item.path] = long.get(item.path, 0) + 1
     items.sort(key=lambda item: -long.get(item.path, 0))
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per CPU this process may use. (xdist counts physical cores when psutil
+    is installed, which gives a single worker on a 2-vCPU machine that reports one core with two
+    threads; the interpreter's tests are single-threaded Python and use each vCPU.)"""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own setting
+    return _CPUS
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
