@@ -280,6 +280,30 @@ def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     return peak
 
 
+def rss_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak resident memory of this process above its resident memory at the start, while fn runs
+    (Linux). The kernel's high-water mark (VmHWM) is reset to the current RSS first: a process
+    inherits its parent's ``ru_maxrss`` across fork and exec, so a baseline taken from
+    ``getrusage`` in a child of a large process already exceeds anything the child allocates,
+    and every peak above it reads 0."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS to the current RSS
+    except OSError as e:
+        raise RuntimeError(f"peak resident memory needs Linux's /proc/self/clear_refs ({e})") from e
+    base = _proc_status_bytes("VmRSS")
+    fn()
+    return max(0, _proc_status_bytes("VmHWM") - base)
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 class Rotation:
     """Calls ``calls[0], calls[1], ...`` in turn: each timed call sees a different input set."""
 

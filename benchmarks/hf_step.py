@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -107,24 +106,30 @@ def run_gpu(args) -> list[dict]:
 def _loss_child(kind: str, vocab: int, seq: int, hidden: int) -> dict:
     """In a fresh process: peak resident memory of one forward + backward of the loss, above the
     memory its inputs and the process already hold."""
+    from benchmarks.common import rss_peak_bytes
+
     torch.manual_seed(0)
     h = torch.randn(1, seq, hidden, requires_grad=True)
     w = (torch.randn(vocab, hidden) / hidden ** 0.5).requires_grad_()
     labels = torch.randint(0, vocab, (1, seq))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
     if kind == "fused":
         import meditron_kernels as mk
-
-        target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-        loss = mk.fused_linear_cross_entropy(h, w, target, -100, backend="torch")
     else:
         from transformers.loss.loss_utils import ForCausalLMLoss
+    out = {}
 
-        loss = ForCausalLMLoss(h @ w.t(), labels, vocab)
-    loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(loss=float(loss), peak_mib=(peak - base) / 1024, seconds=time.perf_counter() - t0)
+    def step():
+        if kind == "fused":
+            target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+            loss = mk.fused_linear_cross_entropy(h, w, target, -100, backend="torch")
+        else:
+            loss = ForCausalLMLoss(h @ w.t(), labels, vocab)
+        loss.backward()
+        out["loss"] = loss.item()
+
+    t0 = time.perf_counter()
+    peak = rss_peak_bytes(step)
+    return dict(loss=out["loss"], peak_mib=peak / 2**20, seconds=time.perf_counter() - t0)
 
 
 def run_loss_memory(args) -> list[dict]:
@@ -139,7 +144,7 @@ def run_loss_memory(args) -> list[dict]:
                 continue
             rows.append(dict(vocab=vocab, loss_impl=kind, status="ok", **json.loads(out.stdout.strip().splitlines()[-1])))
         pair = [r for r in rows[-2:] if r["status"] == "ok"]
-        if len(pair) == 2 and pair[0]["peak_mib"] > 0:  # (tiny runs fit in memory the process already had)
+        if len(pair) == 2 and pair[0]["peak_mib"] > 0:  # (a tiny run may fit in pages the process already had)
             pair[1]["fraction_of_unfused"] = pair[1]["peak_mib"] / pair[0]["peak_mib"]
     return rows
 

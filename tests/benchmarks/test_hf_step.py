@@ -13,10 +13,22 @@ def test_loss_child_fused_equals_unfused():
     assert abs(a["loss"] - b["loss"]) < 1e-5 and a["peak_mib"] >= 0 and b["peak_mib"] >= 0
 
 
-def test_loss_memory_cli(capsys):
-    assert hf_step.main(["--loss-memory", "--seq", "64", "--hidden", "16", "--vocabs", "1000"]) == 0
-    out = capsys.readouterr().out
-    assert "unfused" in out and "fused" in out and "error" not in out
+def test_loss_memory_cli_counts_the_child_s_own_peak(capsys):
+    """Each row's peak is the child's own, even when the parent's peak is larger: a child inherits its
+    parent's ru_maxrss across fork and exec, which made every figure of ``python -m benchmarks --quick``
+    0 MiB (issue 21). The parent here holds more than a child ever reaches."""
+    held = torch.ones(2**28)  # 1 GiB, every page written
+    vocab, seq = 8000, 256
+    assert hf_step.main(["--loss-memory", "--seq", str(seq), "--hidden", "16", "--vocabs", str(vocab)]) == 0
+    del held
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("vocab")))
+    rows = [dict(zip(lines[header].split(), line.split())) for line in lines[header + 1:]]
+    assert [(r["loss_impl"], r["status"]) for r in rows] == [("unfused", "ok"), ("fused", "ok")], lines
+    # Both losses hold the float32 logits of all 256 tokens at once (the fused one's chunks hold at
+    # least 1024 tokens), so each peak is at least their size.
+    logits_mib = vocab * seq * 4 / 2**20
+    assert all(float(r["peak_mib"]) >= logits_mib for r in rows), (lines, logits_mib)
 
 
 @pytest.mark.parametrize("argv,match", [(["--configs", "apex"], "unknown apex"), (["--seq", "0"], "--seq must be"),
