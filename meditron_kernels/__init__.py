@@ -51,14 +51,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual:
     return dispatch("rms_norm", backend, x.device)(x, weight, eps, residual)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=None):
-    """Rotary tables: -> cos, sin, each (seq_len, head_dim // 2) float32."""
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=None, scaling: dict | None = None):
+    """Rotary tables: -> cos, sin, each (seq_len, head_dim // 2) float32.
+
+    scaling: transformers' ``rope_parameters`` (or legacy ``rope_scaling``) dict, computed exactly
+    as transformers does: ``{"rope_type": "default"}`` or None; ``"linear"`` with ``factor`` (Gemma 3's
+    global layers); ``"llama3"`` with ``factor``, ``low_freq_factor``, ``high_freq_factor`` and
+    ``original_max_position_embeddings`` (Llama 3.1-3.3). Their attention scaling is 1.0, so the tables
+    are plain cos and sin. Other types (yarn, longrope, dynamic, ...) raise a ValueError naming them.
+    A per-layer base (Gemma 3's local and global layers) is one call per base.
+    """
+    if isinstance(device, dict) and scaling is None:  # the contract's positional form (..., theta, scaling)
+        device, scaling = None, device
     V.positive_int(seq_len, "seq_len")
     V.positive_int(head_dim, "head_dim")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
     V.positive_float(theta, "theta")
-    return _rotary_cos_sin(seq_len, head_dim, theta, device)
+    V.rope_scaling(scaling, theta, reference.ROPE_TYPES)
+    return _rotary_cos_sin(seq_len, head_dim, theta, device, scaling)
 
 
 def _check_rotary_tables(cos, sin, head_dim: int, ref: torch.Tensor, n_positions: int | None):

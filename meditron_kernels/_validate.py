@@ -193,3 +193,32 @@ def process_group(v, name: str) -> None:
 
     if not dist.is_available() or not isinstance(v, dist.ProcessGroup):
         raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(v).__name__}")
+
+
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_scaling(scaling, theta: float, supported: tuple[str, ...]) -> None:
+    """transformers' rope_parameters / rope_scaling dict: a supported type, with its keys present,
+    positive and consistent. Keys other types use (beta_fast, ...) are ignored, as transformers does."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise TypeError(f"scaling must be a dict of rope parameters (transformers' rope_parameters) or None, "
+                        f"got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in supported:
+        raise ValueError(f"scaling: rope_type {kind!r} is not implemented; supported: {', '.join(supported)}")
+    for key in _ROPE_KEYS.get(kind, ()):
+        if key not in scaling:
+            raise ValueError(f"scaling: rope_type {kind!r} needs {key!r}, missing from {scaling}")
+        positive_float(scaling[key], f"scaling[{key!r}]")
+    if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise ValueError(f"scaling: low_freq_factor ({scaling['low_freq_factor']}) must be below high_freq_factor "
+                         f"({scaling['high_freq_factor']})")
+    if scaling.get("rope_theta") is not None and float(scaling["rope_theta"]) != float(theta):
+        raise ValueError(f"scaling['rope_theta'] = {scaling['rope_theta']} disagrees with theta = {theta}")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"scaling: partial_rotary_factor {scaling['partial_rotary_factor']} is not implemented "
+                         "(rotary covers the whole head_dim)")

@@ -33,13 +33,55 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual:
 
 
 # ---------------------------------------------------------------------------- rotary
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=None):
+ROPE_TYPES = ("default", "linear", "llama3")
+"""The rope scalings :func:`rotary_cos_sin` implements, by transformers' ``rope_type`` name. Their
+attention scaling (the factor transformers multiplies cos and sin by) is 1.0, so the tables are the
+plain cos and sin of the scaled angles; yarn, longrope and dynamic are refused by name."""
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(head_dim // 2,) inverse frequencies theta^(-2i / head_dim), rescaled as transformers'
+    ``modeling_rope_utils`` does for ``scaling["rope_type"]`` (default, linear or llama3).
+
+    The arithmetic is transformers', operation for operation, in ``dtype``: in float32 it gives
+    transformers' inv_freq bit for bit (tests/ops/test_rotary.py checks it); float64 is what the
+    tables use. ``scaling`` was validated by the public API (_validate.rope_scaling).
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype) / head_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    kind = rope_type(scaling)
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Wavelengths shorter than old_len / high_freq_factor keep their frequency, those longer
+        # than old_len / low_freq_factor are slowed by factor, and the band between is blended
+        # linearly in old_len / wavelength (continuous at both edges).
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_type(scaling: dict | None) -> str:
+    """The rope type a scaling dict names: ``rope_type``, else the legacy ``type``, else default."""
+    if scaling is None:
+        return "default"
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=None, scaling: dict | None = None):
     """-> cos, sin, each (seq_len, head_dim // 2) float32.
 
     Angles are formed in float64 and rounded once: in float32, position * inv_freq loses
-    about 2e-4 rad by position 4096.
+    about 2e-4 rad by position 4096. ``scaling``: transformers' rope_parameters (see rope_inv_freq).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float().to(device), angles.sin().float().to(device)
 

@@ -321,3 +321,124 @@ def test_static_compile(cc, rotary_reports):
         for way in ("fwd", "bwd")}
     for rec in reports:
         assert_static_clean(rec)  # 16-byte aligned bf16 rows: 8 elements per load
+
+
+# ---------------------------------------------------------------------------- rope scaling (rotary_cos_sin)
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+LLAMA32 = dict(LLAMA31, factor=32.0)
+GEMMA3_GLOBAL = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}
+GEMMA3_LOCAL = {"rope_type": "default", "rope_theta": 10000.0}
+# Small enough that positions 0..63 cross all three llama3 bands at head_dim 32 (wavelengths 6 to 35000).
+SMALL_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 1024}
+
+
+def _hf_rotary(family, rope_parameters, head_dim, seq):
+    """transformers' own inv_freq and per-token cos (seq, head_dim // 2) for ``rope_parameters``."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if family == "llama":
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Emb
+        cfg = transformers.LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
+                                       rope_parameters=dict(rope_parameters), max_position_embeddings=131072)
+        layer = {}
+    else:  # gemma3_text: rope parameters per layer type; the global layers carry the scaling
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding as Emb
+        cfg = transformers.Gemma3TextConfig(hidden_size=2 * head_dim, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=head_dim, rope_parameters={
+                                                "full_attention": dict(rope_parameters),
+                                                "sliding_attention": dict(GEMMA3_LOCAL)})
+        layer = {"layer_type": "full_attention"}
+    emb = Emb(cfg)
+    prefix = layer.get("layer_type", "") + ("_" if layer else "")
+    inv_freq = getattr(emb, prefix + "inv_freq")
+    kind = rope_parameters.get("rope_type", rope_parameters.get("type"))
+    if kind != "default":
+        assert torch.equal(ROPE_INIT_FUNCTIONS[kind](cfg, "cpu", **layer)[0], inv_freq)
+    assert getattr(emb, prefix + "attention_scaling") == 1.0  # so the tables need no extra factor
+    cos, sin = emb(torch.zeros(1, seq, head_dim), torch.arange(seq)[None], **layer)
+    return inv_freq, cos[0, :, :head_dim // 2], sin[0, :, :head_dim // 2]
+
+
+@pytest.mark.parametrize("family,params,head_dim", [
+    ("llama", LLAMA31, 128), ("llama", LLAMA32, 64), ("llama", {"rope_type": "default", "rope_theta": 500000.0}, 128),
+    ("gemma3", GEMMA3_GLOBAL, 256), ("gemma3", {"type": "linear", "factor": 8.0, "rope_theta": 1000000.0}, 128)],
+    ids=["llama3.1", "llama3.2", "default", "gemma3-linear", "legacy-type-key"])
+def test_scaled_tables_match_transformers(family, params, head_dim):
+    from meditron_kernels import reference as R
+
+    seq = 48
+    hf_inv, hf_cos, hf_sin = _hf_rotary(family, params, head_dim, seq)
+    # the same formula: in float32 it reproduces transformers' inv_freq bit for bit
+    assert torch.equal(R.rope_inv_freq(head_dim, params["rope_theta"], params, dtype=torch.float32), hf_inv)
+    # the tables (float64 angles, one rounding) differ from transformers' float32 angles only by those
+    # roundings: inv_freq to 1 ulp, the product p * inv_freq to 1/2 ulp
+    cos, sin = mk.rotary_cos_sin(seq, head_dim, params["rope_theta"], scaling=params)
+    bound = 2 * (seq - 1) * hf_inv.max().item() * torch.finfo(torch.float32).eps + 1e-7
+    torch.testing.assert_close(cos, hf_cos, atol=bound, rtol=0)
+    torch.testing.assert_close(sin, hf_sin, atol=bound, rtol=0)
+    if params.get("rope_type", params.get("type")) != "default":  # the scaling did change the slow frequencies
+        plain = R.rope_inv_freq(head_dim, params["rope_theta"])
+        assert (R.rope_inv_freq(head_dim, params["rope_theta"], params) < plain).any()
+
+
+def test_llama3_bands():
+    from meditron_kernels import reference as R
+
+    inv = R.rope_inv_freq(32, 10000.0)
+    scaled = R.rope_inv_freq(32, 10000.0, SMALL_LLAMA3)
+    wavelen = 2 * torch.pi / inv
+    fast, slow = wavelen < 1024 / 4, wavelen > 1024 / 1
+    assert fast.any() and slow.any() and (~fast & ~slow).any()
+    assert torch.equal(scaled[fast], inv[fast])
+    torch.testing.assert_close(scaled[slow], inv[slow] / 8, rtol=1e-15, atol=0)
+    mid = ~fast & ~slow
+    assert ((scaled[mid] < inv[mid]) & (scaled[mid] > inv[mid] / 8)).all()
+
+
+def test_scaling_bad_input():
+    with pytest.raises(ValueError, match="'yarn' is not implemented; supported: default, linear, llama3"):
+        mk.rotary_cos_sin(8, 64, 10000.0, scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="'longrope' is not implemented"):
+        mk.rotary_cos_sin(8, 64, scaling={"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]})
+    with pytest.raises(ValueError, match="'dynamic' is not implemented"):
+        mk.rotary_cos_sin(8, 64, scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="needs 'low_freq_factor'"):
+        mk.rotary_cos_sin(8, 64, scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ValueError, match=r"scaling\['factor'\] must be a positive number"):
+        mk.rotary_cos_sin(8, 64, scaling={"rope_type": "linear", "factor": 0})
+    with pytest.raises(ValueError, match="must be below high_freq_factor"):
+        mk.rotary_cos_sin(8, 64, scaling=dict(SMALL_LLAMA3, low_freq_factor=4.0))
+    with pytest.raises(ValueError, match="disagrees with theta"):
+        mk.rotary_cos_sin(8, 64, 10000.0, scaling=GEMMA3_GLOBAL)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        mk.rotary_cos_sin(8, 64, scaling={"rope_type": "default", "partial_rotary_factor": 0.5})
+    with pytest.raises(TypeError, match="scaling must be a dict"):
+        mk.rotary_cos_sin(8, 64, scaling="llama3")
+
+
+def test_scaling_positional_as_in_the_contract():
+    a = mk.rotary_cos_sin(16, 32, 10000.0, SMALL_LLAMA3)
+    b = mk.rotary_cos_sin(16, 32, 10000.0, scaling=SMALL_LLAMA3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_flash_attention_with_scaled_tables_equals_apply_rotary_then_attention():
+    # Scaled tables are just tables: the fused-rotary attention reads them as it reads plain ones.
+    cos, sin = mk.rotary_cos_sin(64, 32, 10000.0, scaling=SMALL_LLAMA3)
+    q, k, v = torch.randn(1, 37, 4, 32), torch.randn(1, 37, 2, 32), torch.randn(1, 37, 2, 32)
+    pos = torch.randint(0, 64, (1, 37))
+    g = torch.randn(q.shape)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    fused = mk.flash_attention(*leaves, causal=True, rotary=(cos, sin), position_ids=pos, backend="triton")
+    fused_grads = torch.autograd.grad(fused, leaves, g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    q2, k2 = mk.apply_rotary(leaves[0], leaves[1], cos, sin, pos, backend="triton")
+    # position_ids of the keys; the queries are aligned with them (sq == sk), so both read pos
+    o = mk.flash_attention(q2, k2, leaves[2], causal=True, backend="triton")
+    grads = torch.autograd.grad(o, leaves, g)
+    torch.testing.assert_close(fused, o, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
