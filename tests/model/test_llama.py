@@ -7,7 +7,9 @@ from model import Llama, LlamaConfig, PRESETS
 
 
 def test_presets_exact_names_and_counts():
-    assert set(PRESETS) == {"llama2-7b", "llama2-13b", "llama2-70b", "meditron-7b", "meditron-70b", "tiny"}
+    assert set(PRESETS) == {"llama2-7b", "llama2-13b", "llama2-70b", "meditron-7b", "meditron-70b", "tiny",
+                            "llama3.1-8b", "llama3.1-70b", "llama3.2-1b", "llama3.2-3b", "meditron3-8b",
+                            "meditron3-70b", "qwen2.5-7b", "qwen3-8b", "mistral-7b-v0.3"}
     for name, expect in [("llama2-7b", 6.74e9), ("meditron-7b", 6.74e9), ("llama2-70b", 68.98e9),
                          ("meditron-70b", 68.98e9), ("llama2-13b", 13.02e9)]:
         cfg = LlamaConfig.from_name(name)
@@ -17,6 +19,10 @@ def test_presets_exact_names_and_counts():
         n = sum(p.numel() for p in m.parameters())
         assert round(n / 1e9, 2) == round(expect / 1e9, 2), name
         assert n == cfg.num_params()
+    for name in PRESETS:  # the other families (tests/model/test_families.py counts them against transformers)
+        with torch.device("meta"):
+            m = Llama(LlamaConfig.from_name(name))
+        assert sum(p.numel() for p in m.parameters()) == m.cfg.num_params(), name
     with pytest.raises(ValueError, match="unknown model preset"):
         LlamaConfig.from_name("Llama2-7B")
 

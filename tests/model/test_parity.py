@@ -107,11 +107,12 @@ def test_from_hf_rejects_unsupported_configs(tmp_path):
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=50, ffn_dim=64, max_seq_len=32)
     Llama(cfg).save_hf(tmp_path)
     conf = json.load(open(tmp_path / "config.json"))
-    conf["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    conf["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    del conf["rope_parameters"]
     json.dump(conf, open(tmp_path / "config.json", "w"))
-    with pytest.raises(NotImplementedError, match="rope scaling"):
+    with pytest.raises(NotImplementedError, match="rope scaling 'dynamic'"):
         Llama.from_hf(tmp_path)
-    del conf["rope_scaling"], conf["rope_parameters"]
+    del conf["rope_scaling"]
     json.dump(conf, open(tmp_path / "config.json", "w"))
     Llama.from_hf(tmp_path)  # old-style rope_theta key alone is fine
     os.remove(tmp_path / "model.safetensors")

@@ -6,7 +6,7 @@ family, needed only to validate against published Megatron runs, is described he
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from model import PRESETS, LlamaConfig
@@ -31,6 +31,9 @@ class Architecture:
     vocab_size: int
     max_seq_len: int = 4096
     family: str = "llama"
+    # the whole LlamaConfig when built from one: its family switches (biases, tied head, head_dim,
+    # sliding window) enter num_params and flops_per_token
+    llama: LlamaConfig | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.family not in ("llama", "gpt"):
@@ -38,13 +41,15 @@ class Architecture:
         self._llama_shape()  # LlamaConfig's checks (positive sizes, heads dividing dim) hold for both families
 
     def _llama_shape(self) -> LlamaConfig:
+        if self.llama is not None:
+            return self.llama
         return LlamaConfig(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
                            vocab_size=self.vocab_size, ffn_dim=self.ffn_dim, max_seq_len=self.max_seq_len)
 
     @classmethod
     def from_config(cls, cfg: LlamaConfig, name: str = "custom") -> "Architecture":
         return cls(name=name, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                   ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len)
+                   ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, llama=cfg)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | Any, name: str = "custom") -> "Architecture":
@@ -73,7 +78,7 @@ class Architecture:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.llama.head_dim if self.llama is not None else self.dim // self.n_heads
 
     @property
     def kv_dim(self) -> int:
