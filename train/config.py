@@ -305,10 +305,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(f"training.global_batch ({t.global_batch}) must be divisible by training.micro_batch x dp "
                           f"({t.micro_batch} x {dp} = {t.micro_batch * dp})")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        raise ConfigError(f"need 0 <= training.min_lr <= training.lr and lr > 0, got lr={t.lr}, min_lr={t.min_lr}")
-    if t.warmup_steps < 0 or t.decay_steps < 0:
-        raise ConfigError("training.warmup_steps and training.decay_steps must be >= 0")
+    if t.min_lr > t.lr:  # each >= 0 and lr > 0 is checked above
+        raise ConfigError(f"need training.min_lr <= training.lr, got lr={t.lr}, min_lr={t.min_lr}")
     d = cfg.data
     if d.weights and len(d.weights) != len(d.paths):
         raise ConfigError(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")

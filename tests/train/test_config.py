@@ -155,7 +155,7 @@ def test_resume_and_overwrite_flags():
 @pytest.mark.parametrize("argv,match", [
     (["--model.n_heads=3"], r"the preset's dim \(128\) must be divisible by model.n_heads \(3\)"),
     (["--model.n_kv_heads=3"], r"the preset's n_heads \(4\) must be divisible by model.n_kv_heads \(3\)"),
-    (["--model.dim=96", "--model.n_heads=32"], r"head size model.dim / model.n_heads = 96 / 32 must be even"),
+    (["--model.dim=96", "--model.n_heads=32"], r"head size model.dim \(96\) / model.n_heads \(32\) = 3 must be even"),
 ])
 def test_model_overrides_are_validated(argv, match):
     from train.trainer import model_config
