@@ -140,8 +140,9 @@ def _flat(cfg: dict):
 
 def changed_settings(saved: dict, now: dict) -> list[str]:
     """'key was -> now' for each setting a resumed run changed that check_resume_compatible lets
-    through (learning rate, steps, intervals, layout, ...); saved and now are Config.to_dict()s."""
-    kept = set(RESUME_KEYS) | {f"model.{k}" for k in MODEL_SHAPE_KEYS}
+    through (learning rate, steps, intervals, layout, ...); saved and now are Config.to_dict()s.
+    out_dir is not a setting of the run: a run directory may be moved or copied."""
+    kept = set(RESUME_KEYS) | {f"model.{k}" for k in MODEL_SHAPE_KEYS} | {"out_dir"}
     before = dict(_flat(saved))
     return [f"{k} {before[k]!r} -> {v!r}" for k, v in _flat(now)
             if k in before and k not in kept and before[k] != v]

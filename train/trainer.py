@@ -40,7 +40,7 @@ from .engine import Engine
 from .metrics import MetricsWriter, StepLog
 from .objective import build_objective
 from .optim import build_optimizer, lr_at
-from .run_dir import check_out_dir, check_resume_compatible, prepare_out_dir, resume_checkpoint
+from .run_dir import changed_settings, check_out_dir, check_resume_compatible, prepare_out_dir, resume_checkpoint
 from .signals import Hooks, StopSignal, TrainingInterrupted
 from .tokenizer import load_tokenizer
 from .validate import Validator
@@ -146,10 +146,13 @@ def check_environment(cfg: Config, device: torch.device) -> None:
 
             raise ConfigError(f"model.backend = 'cuda' needs the compiled extension: {_cuda_ext.why_unavailable()}")
     if cfg.model.backend == "triton":
-        import importlib.util
-
-        if importlib.util.find_spec("triton") is None:
+        if not mk.backend.triton_available():
             raise ConfigError("model.backend = 'triton' needs the triton package")
+        if device.type != "cuda" and not mk.backend.interpreting():
+            # Triton compiles for GPUs; on CPU tensors its kernels run only under its interpreter
+            raise ConfigError(f"model.backend = 'triton' on {device} needs the Triton interpreter: start with "
+                              "TRITON_INTERPRET=1 in the environment (slow; meant for checking kernels), or use "
+                              "model.backend = 'torch'")
 
 
 class NonFinitePolicy:
@@ -229,6 +232,12 @@ class Trainer:
         self.nan.skipped_total = meta.get("skipped_steps", 0)
         self.run_id = meta.get("run_id") or self.run_id
         self.say(f"resuming from {path} (step {meta['step']}, saved with layout {meta.get('layout')})")
+        changed = changed_settings(meta.get("config", {}), cfg.to_dict())
+        if changed:
+            self.say(f"--resume: settings changed since that checkpoint: {', '.join(changed)}")
+        if meta["step"] >= cfg.training.steps:
+            self.say(f"--resume: nothing to train: the checkpoint is at step {meta['step']} and training.steps is "
+                     f"{cfg.training.steps} (raise --steps to train on)")
         return meta["step"]
 
     def _open_run_dir(self, mcfg: LlamaConfig, overwrite: bool, resume_step: int | None, progress: bool) -> StepLog:
