@@ -10,7 +10,8 @@ import sys
 from .checkpoint import CheckpointError
 from .config import ConfigError, help_text, parse_args
 from .data import ShardError
-from .trainer import TrainingInterrupted, TrainingStopped, fault_injection_hooks, run
+from .signals import TrainingInterrupted, fault_injection_hooks
+from .trainer import TrainingStopped, run
 
 
 def main(argv=None) -> int:

@@ -87,7 +87,7 @@ def set_rng_state(state: dict) -> None:
 
 def _pairs(model_parts, optimizer):
     """(module, its optimizer) pairs: one optimizer per model part (a pipeline rank may hold
-    several stages), as train.trainer.PartOptimizers keeps them."""
+    several stages), as train.optim.PartOptimizers keeps them."""
     opts = list(getattr(optimizer, "optimizers", [optimizer]))
     if len(opts) != len(model_parts):
         raise ValueError(f"{len(model_parts)} model parts but {len(opts)} optimizers")
@@ -210,3 +210,23 @@ def load(path: str, model, optimizer, scheduler, model_parts=None, load_rng: boo
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+class Checkpointer:
+    """The checkpoint component of a training run, built from the checkpoint section: when to
+    save, and this run's state (``parts``, ``optimizer``, ``scheduler``) saved to or loaded
+    from ``ckpt_dir``. ``meta(step)`` gives the run's metadata as of ``step``."""
+
+    def __init__(self, section, ckpt_dir: str, parts, optimizer, scheduler, meta):
+        self.section, self.dir = section, ckpt_dir
+        self.parts, self.optimizer, self.scheduler, self.meta = parts, optimizer, scheduler, meta
+
+    def due(self, done: int, last: int) -> bool:
+        return bool(self.section.interval and done % self.section.interval == 0) or done == last
+
+    def save(self, step: int) -> str:
+        return save(self.dir, step, None, self.optimizer, self.scheduler, self.meta(step), self.section.keep_last,
+                    model_parts=self.parts)
+
+    def load(self, path: str, layout: dict) -> dict:
+        return load(path, None, self.optimizer, self.scheduler, model_parts=self.parts, layout=layout)

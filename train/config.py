@@ -187,12 +187,21 @@ def _coerce(key: str, value, typ):
     raise ConfigError(f"{key}: expected {name}, got {value!r}")
 
 
+def _section_of(cfg: Config, name: str) -> str | None:
+    """The section that has a key called ``name``, if one does."""
+    for section_name, section in _sections(cfg).items():
+        if name in typing.get_type_hints(type(section)):
+            return section_name
+    return None
+
+
 def _set(cfg: Config, key: str, value) -> None:
     parts = key.split(".")
     if len(parts) == 1:
         top = {f.name: f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(getattr(cfg, f.name))}
         if key not in top:
-            raise ConfigError(f"unknown config key {key!r}")
+            home = _section_of(cfg, key)
+            raise ConfigError(f"unknown config key {key!r}" + (f"; did you mean --{home}.{key}?" if home else ""))
         hints = typing.get_type_hints(Config)
         setattr(cfg, key, _coerce(key, value, hints[key]))
         return
@@ -221,6 +230,8 @@ def apply_toml(cfg: Config, path: str) -> None:
         if isinstance(v, dict):
             for kk, vv in v.items():
                 _set(cfg, f"{k}.{kk}", vv)
+        elif _section_of(cfg, k) and not hasattr(cfg, k):
+            raise ConfigError(f"config file {path!r}: top-level key {k!r} belongs under [{_section_of(cfg, k)}]")
         else:
             _set(cfg, k, v)
 
@@ -305,10 +316,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(f"training.global_batch ({t.global_batch}) must be divisible by training.micro_batch x dp "
                           f"({t.micro_batch} x {dp} = {t.micro_batch * dp})")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        raise ConfigError(f"need 0 <= training.min_lr <= training.lr and lr > 0, got lr={t.lr}, min_lr={t.min_lr}")
-    if t.warmup_steps < 0 or t.decay_steps < 0:
-        raise ConfigError("training.warmup_steps and training.decay_steps must be >= 0")
+    if t.min_lr > t.lr:  # each >= 0 and lr > 0 is checked above
+        raise ConfigError(f"need training.min_lr <= training.lr, got lr={t.lr}, min_lr={t.min_lr}")
     d = cfg.data
     if d.weights and len(d.weights) != len(d.paths):
         raise ConfigError(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")

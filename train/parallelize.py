@@ -1,14 +1,15 @@
 """Parallelism and memory/speed wrappers, applied to the plain model from outside.
 
-The model (model/llama.py) knows nothing of these. This module:
+The model (model/llama.py) knows nothing of these. ``parallelize`` is the one entry: it builds
+this rank's share of the model in the only order that works (see its docstring) from
 
-- builds the DeviceMesh (pp, dp, tp) and cuts the model into pipeline stages by layer count;
-- applies tensor and sequence parallelism with torch.distributed.tensor.parallel;
-- initialises weights so that every layout starts from the same numbers as one process;
-- applies FSDP2 (``fully_shard``) or plain replication over dp, with the bf16 policy;
-- builds the torch.distributed.pipelining schedule;
-- computes the global gradient norm over every shard and stage;
-- wraps blocks in activation checkpointing and torch.compile.
+- the DeviceMesh (pp, dp, tp) of ``make_layout`` and the pipeline stage cut by layer count;
+- tensor and sequence parallelism with torch.distributed.tensor.parallel;
+- weights that start from the same numbers as one process, whatever the layout (or an HF load);
+- activation checkpointing and torch.compile of each block;
+- FSDP2 (``fully_shard``) or plain replication over dp, with the bf16 policy.
+
+The pipeline schedule is train/pipeline.py; the gradient norm and clipping train/grads.py.
 
 Tensor parallelism follows Megatron's layout. wq/wk/wv/w1/w3 are column-parallel and wo/w2
 row-parallel, so the attention and SwiGLU ops see plain local tensors holding n_heads / tp heads
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import math
 import os
 
 import torch
@@ -35,6 +34,8 @@ from torch import nn
 
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from .process_group import init_process_group
 
 # ------------------------------------------------------------------------ activation checkpointing
 # Selective recompute keeps what is expensive to redo (matmuls, attention) and recomputes the
@@ -96,8 +97,9 @@ class Layout:
         return dict(world=self.world, pp=self.pp, dp=self.dp, tp=self.tp)
 
 
-def make_layout(cfg, device: torch.device) -> Layout:
-    """Join (or create) the process group and build the mesh for cfg.parallel.
+def make_layout(parallel, dtype: str, device: torch.device) -> Layout:
+    """Join (or create) the process group and build the mesh for ``parallel`` (the config's
+    parallel section); ``dtype`` is training.dtype.
 
     Under torchrun (WORLD_SIZE set) this joins the job's group: NCCL on GPUs, gloo on the CPU.
     A single process gets a 1-rank group only when it needs one (bfloat16 parameters are FSDP's
@@ -105,26 +107,11 @@ def make_layout(cfg, device: torch.device) -> Layout:
     """
     from torch.distributed.device_mesh import init_device_mesh
 
-    p = cfg.parallel
+    p = parallel
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    need_group = world > 1 or cfg.training.dtype == "bfloat16-params"
-    if not need_group:
+    if not (world > 1 or dtype == "bfloat16-params"):
         return Layout()
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "MASTER_ADDR" in os.environ or world > 1:
-            # torchrun shares its rendezvous store with the workers and keeps it across
-            # restarts; keys a dead attempt left there (gloo's peer addresses) are read by the
-            # next one, which then connects to a dead port (1 restart in 3 failed so on the
-            # CPU). With one agent (one node) every worker has the same restart count, so it
-            # names a fresh namespace. Agents on several nodes count restarts each for itself:
-            # there, launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a new store per round).
-            store, rank, size = next(dist.rendezvous("env://"))
-            if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
-                store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=size)
-        else:  # a lone process: an in-memory store, no port to pick
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    init_process_group(device.type)
     world = dist.get_world_size()
     dp = world // (p.tp * p.pp)
     dims, names = [p.pp, dp, p.tp], ["pp", "dp", "tp"]
@@ -378,155 +365,60 @@ def apply_data_parallel(part: nn.Module, layout: Layout, dtype: str, pipelined: 
     fully_shard(part, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
 
 
-# ------------------------------------------------------------------------ packed documents
-def doc_positions(cu_seqlens: torch.Tensor, rows: int, seq_len: int) -> torch.Tensor:
-    """(rows, seq) int32: each token's position inside its document, from a micro batch's
-    cu_seqlens. Unlike cu_seqlens it splits along the batch, so a pipeline schedule can cut
-    the step's batch into micro batches and each stage rebuilds its own cu_seqlens."""
-    total = rows * seq_len
-    idx = torch.arange(total)
-    cu = cu_seqlens.to(torch.long)
-    doc = torch.searchsorted(cu[1:], idx, right=True)
-    return (idx - cu[doc]).to(torch.int32).view(rows, seq_len)
+# ------------------------------------------------------------------------ the entry point
+@dataclasses.dataclass
+class ParallelModel:
+    """This rank's share of the model: one module per pipeline stage it holds."""
+    parts: list[nn.Module]
+    stage_ids: list[int]             # the global stage index of each part
+    n_stages: int
+    data_parallel: bool              # wrapped in FSDP2 (sharded, or replicated with one-rank shards)
+    replicated: bool                 # FSDP2's replicated mode: gradients all-reduced, not reduce-scattered
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+    @property
+    def last(self) -> nn.Module:
+        return self.parts[self.stage_ids.index(self.n_stages - 1)]
 
 
-def cu_seqlens_from_positions(pos: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The inverse of doc_positions on the host: (n_docs + 1,) int32 offsets and the longest document."""
-    flat = pos.reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten()
-    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
+def parallelize(model_cfg, layout: Layout, device: torch.device, training, parallel,
+                init_from_hf: str = "") -> ParallelModel:
+    """Build this rank's stages of a Llama of shape ``model_cfg`` for ``layout``; ``training`` and
+    ``parallel`` are the config's sections, ``init_from_hf`` an HF directory or ''.
 
-
-def add_packing_hook(part: nn.Module, device: torch.device) -> None:
-    """Stage forward(x, doc_positions=(mb, seq) CPU int tensor) -> forward(x, cu_seqlens, max_seqlen).
-
-    The positions stay on the host, so rebuilding cu_seqlens and max_seqlen costs no device
-    sync; only the small offsets tensor is copied. Registered in front of FSDP's hooks, which
-    would otherwise move the positions to the device first."""
-    def hook(module, args, kwargs):
-        pos = kwargs.pop("doc_positions", None)
-        if pos is not None:
-            cu, max_len = cu_seqlens_from_positions(pos.cpu())
-            kwargs["cu_seqlens"] = cu.to(device, non_blocking=True)
-            kwargs["max_seqlen"] = max_len
-        return args, kwargs
-
-    part.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-
-
-# ------------------------------------------------------------------------ pipeline schedule
-def build_schedule(parts: list[nn.Module], stage_ids: list[int], n_stages: int, layout: Layout,
-                   n_microbatches: int, micro_batch: int, seq_len: int, act_dtype: torch.dtype,
-                   loss_fn, device: torch.device, name: str):
-    """A torch.distributed.pipelining schedule over this rank's stages.
-
-    Stage input and output shapes are given up front (static mode): the stream between stages
-    is (micro_batch, seq / tp under sequence parallelism, dim) in the activation dtype, and the
-    last stage returns the hidden states the head reads, of the same shape: ``loss_fn`` fuses
-    the head with the loss (train/loss.py), so no stage materialises logits.
-    """
-    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                              ScheduleInterleaved1F1B, ScheduleZBVZeroBubble)
-
-    cfg = parts[0].cfg
-    seq_local = seq_len // layout.tp if layout.sequence_parallel else seq_len
-    group = layout.group("pp")
-    stages = []
-    for part, s in zip(parts, stage_ids):
-        # float activations carry requires_grad: static mode derives the gradient traffic from it
-        stream = torch.empty(micro_batch, seq_local, cfg.dim, dtype=act_dtype, device="meta", requires_grad=True)
-        if s == 0:
-            inp = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
-        else:
-            inp = stream
-        stages.append(PipelineStage(part, s, n_stages, device, input_args=(inp,), output_args=(stream,), group=group))
-    cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1f1b": ScheduleInterleaved1F1B,
-           "zbv": ScheduleZBVZeroBubble}[name]
-    if name in ("1f1b", "gpipe"):
-        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
-    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
-
-
-def schedule_step(schedule, *args, **kwargs):
-    """schedule.step without merging the last stage's outputs when torch can skip it."""
-    if "return_outputs" in inspect.signature(schedule.step).parameters:
-        kwargs["return_outputs"] = False
-    return schedule.step(*args, **kwargs)
-
-
-# ------------------------------------------------------------------------ gradient norm
-def _local_and_weight(g: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """This rank's piece of a gradient, and 1 / (how many ranks hold the same piece)."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if not isinstance(g, DTensor):
-        return g, 1.0
-    copies = 1
-    for dim, placement in enumerate(g.placements):
-        if isinstance(placement, Replicate):
-            copies *= g.device_mesh.size(dim)
-    return g.to_local(), 1.0 / copies
-
-
-@torch.no_grad()
-def settle_partial_grads(parts: list[nn.Module]) -> None:
-    """Sum the gradients left Partial over tp (norm weights under sequence parallelism,
-    replicated kv projections) into their parameters' placement, when FSDP is not there to
-    do it: one all-reduce for all of them rather than one per parameter."""
-    from torch.distributed.tensor import DTensor, Partial
-
-    pending = []
+    The order is forced: stages are cut on the meta device before anything is allocated; TP
+    turns weights into DTensors, which initialisation then fills slice by slice; checkpointing
+    and compile wrap blocks whose parameter names initialisation must still see unwrapped;
+    FSDP comes last, sharding the DTensors and wrapping the compiled blocks."""
+    if layout.pp > 1:
+        per_rank = 2 if parallel.pp_schedule == "zbv" else parallel.virtual_stages
+        n_stages = layout.pp * per_rank
+        stage_ids = stage_indices(layout.pp_rank, layout.pp, per_rank, parallel.pp_schedule)
+    else:
+        n_stages, stage_ids = 1, [0]
+    parts = [build_stage(model_cfg, s, n_stages) for s in stage_ids]
+    if layout.tp > 1:
+        for part in parts:
+            apply_tp(part, layout.mesh["tp"], layout.sequence_parallel)
+    if init_from_hf:
+        load_hf_weights(parts, init_from_hf, device)
+    else:
+        init_weights(parts, model_cfg, training.seed, device)
     for part in parts:
-        for p in part.parameters():
-            g = p.grad
-            if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
-                pending.append((p, g))
-    if not pending:
-        return
-    mesh = pending[0][1].device_mesh
-    simple = all(g.device_mesh == mesh and g.placements == (Partial("sum"),) for _, g in pending)
-    if not simple:  # not a layout this module makes; let DTensor do it one by one
-        for p, g in pending:
-            p.grad = g.redistribute(g.device_mesh, p.placements)
-        return
-    locals_ = [g.to_local() for _, g in pending]
-    flat = torch.cat([t.reshape(-1) for t in locals_])
-    dist.all_reduce(flat, group=mesh.get_group())
-    for (p, _), t, piece in zip(pending, locals_, flat.split([t.numel() for t in locals_])):
-        p.grad = DTensor.from_local(piece.view_as(t), mesh, p.placements, run_check=False)
-
-
-@torch.no_grad()
-def global_grad_norm(parts: list[nn.Module], layout: Layout, extra: torch.Tensor | None = None):
-    """-> (L2 norm of the whole model's gradient, extra summed over all ranks).
-
-    Each rank sums the squares of its own pieces, weighting a piece held by k ranks by 1 / k so
-    it counts once; one all-reduce over the world (every stage, shard and replica) adds them
-    up, together with ``extra`` (the step loss), so a step costs one collective here."""
-    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    by_weight: dict[float, list[torch.Tensor]] = {}
-    for g in grads:
-        local, w = _local_and_weight(g)
-        by_weight.setdefault(w, []).append(local)
-    for w, tensors in by_weight.items():
-        norms = torch._foreach_norm(tensors, 2.0)
-        total += w * torch.stack([n.float() for n in norms]).square().sum()
-    packed = torch.stack([total, extra.float() if extra is not None else torch.zeros_like(total)])
-    if layout.distributed and layout.world > 1:
-        dist.all_reduce(packed)
-    return packed[0].sqrt(), packed[1]
-
-
-@torch.no_grad()
-def clip_grads_(parts: list[nn.Module], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale every local gradient piece by min(1, max_norm / (norm + 1e-6)), as torch's
-    clip_grad_norm_ does, without a host sync."""
-    if not math.isfinite(max_norm):
-        return
-    locals_ = [_local_and_weight(p.grad)[0] for part in parts for p in part.parameters() if p.grad is not None]
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    if locals_:
-        torch._foreach_mul_(locals_, coef.to(locals_[0].device))
+        apply_activation_checkpointing(part, training.activation_checkpointing)
+        if training.compile:
+            apply_compile(part)
+    # A data-parallel wrapper is needed for dp > 1, and for bf16 parameters (FSDP's policy
+    # keeps the float32 masters) even on one rank.
+    data_parallel = layout.distributed and (layout.dp > 1 or training.dtype == "bfloat16-params")
+    if data_parallel:
+        for part in parts:
+            apply_data_parallel(part, layout, training.dtype, pipelined=layout.pp > 1)
+    return ParallelModel(parts, stage_ids, n_stages, data_parallel, replicated=data_parallel and not parallel.fsdp)

@@ -409,6 +409,45 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int =
     there interrupts the run as a kill would). -> a summary: chunks, skipped, processed,
     n_docs, n_tokens, seconds."""
     t0 = time.perf_counter()
+    _check_options(txt_docs, text_key, workers, chunk_bytes)
+    opts = Options(text_key, txt_docs)
+    paths = expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer)
+    name = name or os.path.basename(os.path.abspath(out))
+    digest = inputs_digest(paths, opts, tok.fingerprint)
+    summary = dict(chunks=0, skipped=0, processed=0, n_docs=0, n_tokens=0)
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out {out!r} exists and is not a directory")
+    os.makedirs(out, exist_ok=True)
+    parts_dir = os.path.join(out, "parts")
+    with _Lock(os.path.join(out, ".prepare.lock")):
+        meta = _up_to_date_shard(out, digest, name, tok, overwrite)
+        if meta is not None:
+            summary.update(n_docs=meta["n_docs"], n_tokens=meta["n_tokens"], seconds=time.perf_counter() - t0,
+                           up_to_date=True)
+            return summary
+        chunks = make_plan(paths, chunk_bytes, opts)
+        _resumable_parts_dir(parts_dir, f"{digest}-{chunk_bytes}", paths, len(chunks))
+        nbytes = [sum(e - s for _, s, e in c) for c in chunks]
+        done = [i for i in range(len(chunks)) if _part_is_complete(_part_path(parts_dir, i))]
+        todo = sorted(set(range(len(chunks))) - set(done))
+        summary.update(chunks=len(chunks), skipped=len(done))
+        bar = tqdm(total=sum(nbytes), initial=sum(nbytes[i] for i in done), unit="B", unit_scale=True,
+                   desc="tokenising", disable=not progress)
+        try:
+            _tokenise(todo, chunks, workers, tok, tokenizer, paths, opts, parts_dir, bar, on_chunk, summary)
+        finally:
+            bar.close()
+        n_docs, n_tokens = assemble(out, parts_dir, len(chunks), name, token_dtype(tok.vocab_size), tok.fingerprint,
+                                    dict(inputs=digest), progress)
+        shutil.rmtree(parts_dir)
+    load_shard(out, tok.fingerprint, verify="size")  # the shard must read back as the trainer reads it
+    summary.update(n_docs=n_docs, n_tokens=n_tokens, seconds=time.perf_counter() - t0)
+    return summary
+
+
+def _check_options(txt_docs: str, text_key: str, workers: int, chunk_bytes: int) -> None:
     if txt_docs not in ("file", "paragraph"):
         raise PrepareError(f"--txt-docs must be 'file' or 'paragraph', got {txt_docs!r}")
     if not text_key:
@@ -417,100 +456,81 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "byte", workers: int =
         raise PrepareError(f"--workers must be >= 1, got {workers}")
     if chunk_bytes < 1:
         raise PrepareError(f"the chunk size must be positive, got {chunk_bytes} bytes")
-    opts = Options(text_key, txt_docs)
-    paths = expand_inputs(inputs)
-    tok = load_tokenizer(tokenizer)
-    name = name or os.path.basename(os.path.abspath(out))
-    digest = inputs_digest(paths, opts, tok.fingerprint)
-    parts_digest = f"{digest}-{chunk_bytes}"
-    extra = dict(inputs=digest)
-    summary = dict(chunks=0, skipped=0, processed=0, n_docs=0, n_tokens=0)
 
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise PrepareError(f"--out {out!r} exists and is not a directory")
-    os.makedirs(out, exist_ok=True)
+
+def _up_to_date_shard(out: str, digest: str, name: str, tok, overwrite: bool) -> dict | None:
+    """The meta of a complete shard in out made from the same inputs (None: make it), after
+    removing a shard that is to be replaced. Called under the directory's lock."""
     meta_path = os.path.join(out, "meta.json")
-    parts_dir = os.path.join(out, "parts")
-    with _Lock(os.path.join(out, ".prepare.lock")):
-        if os.path.exists(meta_path):
-            try:
-                with open(meta_path) as f:
-                    meta = json.load(f)
-            except (OSError, ValueError):
-                meta = {}
-            same = isinstance(meta, dict) and meta.get("inputs") == digest and meta.get("name") == name
-            if same and not overwrite:
-                try:
-                    load_shard(out, tok.fingerprint, verify="size")
-                    summary.update(n_docs=meta["n_docs"], n_tokens=meta["n_tokens"],
-                                   seconds=time.perf_counter() - t0, up_to_date=True)
-                    return summary
-                except ShardError as e:
-                    print(f"{out}: remaking a damaged shard ({e})", file=sys.stderr)
-            elif not overwrite:
-                raise PrepareError(f"{meta_path}: {out!r} already holds a shard made from other inputs or options; "
-                                   f"pass --overwrite to replace it")
-            os.remove(meta_path)  # first: a half-replaced shard must never look complete
-        for f in ("tokens.bin", "docs.npy"):
-            if os.path.exists(os.path.join(out, f)):
-                os.remove(os.path.join(out, f))
-
-        plan_path = os.path.join(parts_dir, "plan.json")
-        if os.path.isdir(parts_dir):
-            try:
-                with open(plan_path) as f:
-                    same = json.load(f).get("digest") == parts_digest
-            except (OSError, ValueError, AttributeError):
-                same = False
-            if not same:
-                print(f"{parts_dir}: parts from other inputs or options; starting over", file=sys.stderr)
-                shutil.rmtree(parts_dir)
-        os.makedirs(parts_dir, exist_ok=True)
-        for f in os.listdir(parts_dir):  # leftovers of writes cut short
-            if f.endswith(".tmp"):
-                os.remove(os.path.join(parts_dir, f))
-
-        chunks = make_plan(paths, chunk_bytes, opts)
-        if not os.path.isfile(plan_path):
-            with open(plan_path + ".tmp", "w") as f:
-                json.dump(dict(digest=parts_digest, inputs=paths, chunks=len(chunks)), f, indent=1)
-            os.replace(plan_path + ".tmp", plan_path)
-        nbytes = [sum(e - s for _, s, e in c) for c in chunks]
-        done = [i for i in range(len(chunks)) if _part_is_complete(_part_path(parts_dir, i))]
-        todo = sorted(set(range(len(chunks))) - set(done))
-        summary.update(chunks=len(chunks), skipped=len(done))
-        jobs = [(i, chunks[i]) for i in todo]
-        bar = tqdm(total=sum(nbytes), initial=sum(nbytes[i] for i in done), unit="B", unit_scale=True,
-                   desc="tokenising", disable=not progress)
+    if os.path.exists(meta_path):
         try:
-            if workers == 1 or len(jobs) <= 1:
-                _init_worker(tok, paths, opts, parts_dir, quiet_threads=False)
-                results = map(_run_chunk, jobs)
-                pool = None
-            else:
-                # spawn, not fork: the parent may hold threads (torch, tokenizers) that fork would copy mid-state
-                pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker,
-                                                                 initargs=(tokenizer, paths, opts, parts_dir, True))
-                results = pool.imap_unordered(_run_chunk, jobs)
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = {}
+        same = isinstance(meta, dict) and meta.get("inputs") == digest and meta.get("name") == name
+        if same and not overwrite:
             try:
-                for i, n_docs, n_tokens, n_in in results:
-                    summary["processed"] += 1
-                    bar.update(n_in)
-                    if on_chunk is not None:
-                        on_chunk(i)
-            finally:
-                if pool is not None:
-                    pool.terminate()
-                    pool.join()
-        finally:
-            bar.close()
+                load_shard(out, tok.fingerprint, verify="size")
+                return meta
+            except ShardError as e:
+                print(f"{out}: remaking a damaged shard ({e})", file=sys.stderr)
+        elif not overwrite:
+            raise PrepareError(f"{meta_path}: {out!r} already holds a shard made from other inputs or options; "
+                               f"pass --overwrite to replace it")
+        os.remove(meta_path)  # first: a half-replaced shard must never look complete
+    for f in ("tokens.bin", "docs.npy"):
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+    return None
 
-        n_docs, n_tokens = assemble(out, parts_dir, len(chunks), name, token_dtype(tok.vocab_size), tok.fingerprint,
-                                    extra, progress)
-        shutil.rmtree(parts_dir)
-    load_shard(out, tok.fingerprint, verify="size")  # the shard must read back as the trainer reads it
-    summary.update(n_docs=n_docs, n_tokens=n_tokens, seconds=time.perf_counter() - t0)
-    return summary
+
+def _resumable_parts_dir(parts_dir: str, parts_digest: str, paths: list[str], n_chunks: int) -> None:
+    """Keep the parts an interrupted run of the same plan left (without half-written ones);
+    start over when they came from other inputs or options."""
+    plan_path = os.path.join(parts_dir, "plan.json")
+    if os.path.isdir(parts_dir):
+        try:
+            with open(plan_path) as f:
+                same = json.load(f).get("digest") == parts_digest
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            print(f"{parts_dir}: parts from other inputs or options; starting over", file=sys.stderr)
+            shutil.rmtree(parts_dir)
+    os.makedirs(parts_dir, exist_ok=True)
+    for f in os.listdir(parts_dir):  # leftovers of writes cut short
+        if f.endswith(".tmp"):
+            os.remove(os.path.join(parts_dir, f))
+    if not os.path.isfile(plan_path):
+        with open(plan_path + ".tmp", "w") as f:
+            json.dump(dict(digest=parts_digest, inputs=paths, chunks=n_chunks), f, indent=1)
+        os.replace(plan_path + ".tmp", plan_path)
+
+
+def _tokenise(todo: list[int], chunks, workers: int, tok, tokenizer: str, paths, opts, parts_dir: str, bar,
+              on_chunk, summary: dict) -> None:
+    """Write the parts of chunks ``todo``, in this process or in a pool of ``workers``."""
+    jobs = [(i, chunks[i]) for i in todo]
+    if workers == 1 or len(jobs) <= 1:
+        _init_worker(tok, paths, opts, parts_dir, quiet_threads=False)
+        results = map(_run_chunk, jobs)
+        pool = None
+    else:
+        # spawn, not fork: the parent may hold threads (torch, tokenizers) that fork would copy mid-state
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker,
+                                                         initargs=(tokenizer, paths, opts, parts_dir, True))
+        results = pool.imap_unordered(_run_chunk, jobs)
+    try:
+        for i, n_docs, n_tokens, n_in in results:
+            summary["processed"] += 1
+            bar.update(n_in)
+            if on_chunk is not None:
+                on_chunk(i)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
 
 def _usable_cpus() -> int:

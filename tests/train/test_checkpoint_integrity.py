@@ -221,3 +221,17 @@ def test_resume_refuses_another_data_blend(tmp_path):
     other.data.paths, other.data.weights = ["a", "c"], [1.0, 1.0]
     with pytest.raises(ConfigError, match=r"data.paths was \['a', 'b'\] there and is \['a', 'c'\] now"):
         check_resume_compatible(other, model_config(other), meta, "ckpt", "fp")
+
+
+def test_resume_says_what_changed_and_when_there_is_nothing_to_do(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(base[0], out)
+    cfg = tiny(out, steps=4)
+    cfg.training.lr *= 0.5
+    assert run(cfg, resume=True, progress=False) == []  # the newest checkpoint is at step 4
+    said = capsys.readouterr().out.splitlines()
+    changed = [line for line in said if line.startswith("--resume: settings changed")]
+    assert changed == [f"--resume: settings changed since that checkpoint: training.lr {cfg.training.lr * 2!r} -> "
+                       f"{cfg.training.lr!r}"]
+    assert sum(line.startswith("--resume: nothing to train: the checkpoint is at step 4 and training.steps is 4")
+               for line in said) == 1

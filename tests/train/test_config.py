@@ -67,6 +67,15 @@ def test_toml_type_errors_name_the_key(tmp_path):
         parse_args(["--config", str(path)])
 
 
+def test_a_section_key_at_the_top_level_names_its_section(tmp_path):
+    path = tmp_path / "flat.toml"
+    path.write_text("steps = 3\n")
+    with pytest.raises(ConfigError, match=r"top-level key 'steps' belongs under \[training\]"):
+        parse_args(["--config", str(path)])
+    with pytest.raises(ConfigError, match=r"unknown config key 'lr'; did you mean --training.lr\?"):
+        parse_args(["--lr=0.1"])
+
+
 def test_inconsistent_values_are_rejected():
     def bad(match, world=1, **changes):
         cfg = Config()
@@ -155,7 +164,7 @@ def test_resume_and_overwrite_flags():
 @pytest.mark.parametrize("argv,match", [
     (["--model.n_heads=3"], r"the preset's dim \(128\) must be divisible by model.n_heads \(3\)"),
     (["--model.n_kv_heads=3"], r"the preset's n_heads \(4\) must be divisible by model.n_kv_heads \(3\)"),
-    (["--model.dim=96", "--model.n_heads=32"], r"head size model.dim / model.n_heads = 96 / 32 must be even"),
+    (["--model.dim=96", "--model.n_heads=32"], r"head size model.dim \(96\) / model.n_heads \(32\) = 3 must be even"),
 ])
 def test_model_overrides_are_validated(argv, match):
     from train.trainer import model_config
@@ -212,6 +221,16 @@ def test_startup_errors_are_one_line(tmp_path, capsys, monkeypatch):
     line = _main_error(out + ["--metrics.tensorboard=true"], capsys)
     assert line == "config error: metrics.tensorboard = true needs the tensorboard package (pip install tensorboard)"
     assert not (tmp_path / "run").exists()  # nothing was written for a refused run
+
+
+def test_triton_backend_on_the_cpu_without_the_interpreter_is_one_line(tmp_path, capsys, monkeypatch):
+    # the kernels would refuse CPU tensors at the first step, after config.json was written
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = ["--out-dir", str(tmp_path / "run"), "--training.device=cpu"]
+    line = _main_error(out + ["--model.backend=triton"], capsys)
+    assert line.startswith("config error: model.backend = 'triton' on cpu needs the Triton interpreter")
+    assert "TRITON_INTERPRET=1" in line
+    assert not (tmp_path / "run").exists()  # so the same command, fixed, is not refused as "not empty"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")

@@ -343,7 +343,7 @@ def test_single_process_resume_is_exact_to_the_last_update(reference, tmp_path):
 
 def test_packed_positions_round_trip():
     """Pipelined stages get per-row document positions and rebuild cu_seqlens from them."""
-    from train.parallelize import cu_seqlens_from_positions, doc_positions
+    from train.pipeline import cu_seqlens_from_positions, doc_positions
 
     cu = torch.tensor([0, 5, 16, 32, 40, 64], dtype=torch.int32)
     pos = doc_positions(cu, 2, 32)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import meditron_kernels as mk
 
+from ..process_group import init_process_group
 from .scoring import generate, loglikelihood_tokens, plan_batches
 
 _GEN_KEYS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_p", "seed"}
@@ -74,9 +75,7 @@ class MeditronLM(TemplateLM):
         if model is None and checkpoint is None:
             raise ValueError("model_args needs checkpoint=DIR (an HF directory or a training run)")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            if not dist.is_initialized():
-                cuda = device != "cpu" and torch.cuda.is_available()
-                dist.init_process_group("nccl" if cuda else "gloo")
+            init_process_group("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
             self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
         if device is None or str(device).startswith("cuda"):  # lm-eval's command line passes a CUDA device
             if not torch.cuda.is_available():

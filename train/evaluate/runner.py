@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..process_group import init_process_group
 from . import prompts as P
 from .scoring import encode_pair, extract_answer, generate, loglikelihood_tokens, majority_vote, plan_batches
 from .tasks import TaskData
@@ -181,8 +182,8 @@ def distributed_setup(device_arg: str) -> torch.device:
     """Join the torchrun group when launched by torchrun (gloo on the CPU, NCCL on GPUs); -> this
     process's device."""
     cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_process_group("cuda" if cuda else "cpu")
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
