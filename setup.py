@@ -68,7 +68,7 @@ def cuda_extensions():
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", _max_jobs())
     # No -std flag: torch adds the C++ standard its own headers need (C++20 for torch 2.14).
-    # The nvcc flags are mirrored by meditron_kernels/_csrc_static.py, which checks the SASS.
+    # The nvcc flags are mirrored by meditron_kernels/csrc_static.py, which checks the SASS.
     ext = CUDAExtension(
         name="meditron_kernels._C",
         sources=sources,

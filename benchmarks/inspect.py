@@ -7,8 +7,8 @@
 Triton: every module of meditron_kernels.ops with ``static_launches()`` describes the launches it
 makes at realistic sizes, built by its own run-time config function (``static_launches(cc)`` when
 the configuration depends on the part); each is compiled with triton.compile for its target and
-read back (meditron_kernels._static). csrc: every .cu file is compiled with nvcc -cubin using
-setup.py's flags (meditron_kernels._csrc_static), and every kernel instantiation read with cuobjdump.
+read back (meditron_kernels.static). csrc: every .cu file is compiled with nvcc -cubin using
+setup.py's flags (meditron_kernels.csrc_static), and every kernel instantiation read with cuobjdump.
 
 Per record: ``kernel``, ``arch``, ``registers`` (per thread), ``spill_bytes`` (stores + loads),
 ``shared_bytes``, ``mma`` (none, HMMA or HGMMA), ``vector_load_bits`` (widest global load: 128 means
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 
-from meditron_kernels import _static
+from meditron_kernels import static
 
 from .common import RESULTS_DIR
 
@@ -40,7 +40,7 @@ ARCHS = (80, 90)
 
 def max_warps_by_registers(registers: int, cc: int) -> int:
     """Warps one SM can hold given the registers per thread alone (allocated per warp in 256s)."""
-    lim = _static.ARCH_LIMITS[cc]
+    lim = static.ARCH_LIMITS[cc]
     per_warp = -(-max(registers, 1) * 32 // 256) * 256
     return min(lim["max_warps_per_sm"], lim["regs_per_sm"] // per_warp)
 
@@ -65,11 +65,11 @@ def triton_modules() -> list[str]:
 
 def triton_records(modules=None, archs=ARCHS) -> list[dict]:
     """Compile every launch of every module for each architecture and read the cubins
-    (meditron_kernels._static.module_reports: in a child process when the interpreter is on)."""
+    (meditron_kernels.static.module_reports: in a child process when the interpreter is on)."""
     records = []
     for name in modules if modules is not None else triton_modules():
         try:
-            reports = _static.module_reports(f"meditron_kernels.ops.{name}", tuple(archs))
+            reports = static.module_reports(f"meditron_kernels.ops.{name}", tuple(archs))
         except Exception as e:  # noqa: BLE001 (report the failure, carry on with the others)
             records.append(dict(kernel=f"{name} (all launches)", arch=",".join(f"sm_{a}" for a in archs),
                                 source=f"triton:{name}", error=f"{type(e).__name__}: {str(e).strip()[-1500:]}"))
@@ -91,9 +91,9 @@ def _sass_bodies(cubin: str, cuobjdump: str) -> dict[str, str]:
 def csrc_records(archs=ARCHS) -> tuple[list[dict], str | None]:
     """Records of every csrc kernel instantiation, or ([], why not)."""
     try:
-        from meditron_kernels import _csrc_static as S
+        from meditron_kernels import csrc_static as S
     except ImportError:
-        return [], "this build has no meditron_kernels._csrc_static (the csrc inspector)"
+        return [], "this build has no meditron_kernels.csrc_static (the csrc inspector)"
     if not os.path.isdir(S.CSRC) or not S.cu_sources():
         return [], "csrc/ has no .cu files"
     nvcc = S.find_nvcc()
@@ -108,12 +108,12 @@ def csrc_records(archs=ARCHS) -> tuple[list[dict], str | None]:
             bodies = _sass_bodies(cubin, cuobjdump) if os.path.exists(cubin) else {}
             for k in kernels:
                 body = bodies.get(k.mangled)
-                facts = _static.sass_facts(body) if body is not None else dict(mma="unknown")
+                facts = static.sass_facts(body) if body is not None else dict(mma="unknown")
                 records.append(dict(
                     kernel=k.name, arch=f"sm_{cc}", source=f"csrc/{src}", registers=k.registers,
                     spill_bytes=k.spill_stores + k.spill_loads, spill_stores=k.spill_stores, spill_loads=k.spill_loads,
                     stack_bytes=k.stack, local_bytes=k.local, shared_bytes=k.shared,
-                    shared_limit=_static.ARCH_LIMITS[cc]["smem_per_block"], mma=facts["mma"],
+                    shared_limit=static.ARCH_LIMITS[cc]["smem_per_block"], mma=facts["mma"],
                     vector_load_bits=max(k.ldg_bits, default=0), vector_store_bits=max(k.stg_bits, default=0),
                     max_warps_by_registers=max_warps_by_registers(k.registers, cc)))
     return records, None
@@ -173,9 +173,9 @@ def main(argv=None) -> int:
                    help="write the records as a JSON list (default benchmarks/results/static-<date>.json)")
     args = p.parse_args(argv)
     archs = tuple(int(a) for a in args.arch.split(","))
-    bad = [a for a in archs if a not in _static.ARCH_LIMITS]
+    bad = [a for a in archs if a not in static.ARCH_LIMITS]
     if bad:
-        p.error(f"--arch: no limits known for {bad}; choose from {sorted(_static.ARCH_LIMITS)}")
+        p.error(f"--arch: no limits known for {bad}; choose from {sorted(static.ARCH_LIMITS)}")
     modules = args.modules.split(",") if args.modules else None
     if modules is not None:
         known = triton_modules()

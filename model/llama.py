@@ -89,7 +89,8 @@ class LlamaConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {v!r}")
-        if self.head_dim is None:
+        derived = self.head_dim is None
+        if derived:
             if self.dim % self.n_heads:
                 raise ValueError(f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
             self.head_dim = self.dim // self.n_heads
@@ -98,7 +99,8 @@ class LlamaConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"LlamaConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig head_dim = {self.head_dim} must be even for rotary")
+            given = "dim / n_heads = " if derived else ""
+            raise ValueError(f"LlamaConfig head_dim = {given}{self.head_dim} must be even for rotary")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"LlamaConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         for name in ("qkv_bias", "out_bias", "qk_norm", "tie_embeddings", "post_norms"):

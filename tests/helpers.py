@@ -53,7 +53,7 @@ def assert_close_rule(out: torch.Tensor, out_torch: torch.Tensor, ref: torch.Ten
 
 
 def assert_static_clean(rep: dict, vector_load_bits: int = 128) -> None:
-    """One static-report record (meditron_kernels._static.report) of a memory-bound kernel: no
+    """One static-report record (meditron_kernels.static.report) of a memory-bound kernel: no
     spills or stack, shared memory within the part, at least one block per SM, and loads of
     ``vector_load_bits`` (16-byte aligned 16-bit rows are read 16 bytes at a time)."""
     assert rep["spill_bytes"] == 0 and rep["stack_bytes"] == 0, rep

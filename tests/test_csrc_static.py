@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from meditron_kernels import _csrc_static as S
+from meditron_kernels import csrc_static as S
 from meditron_kernels.ops import cuda_rms_norm
 
 NVCC = S.find_nvcc()

@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 
+from meditron_kernels import packing
+
 from . import pipeline
 from .data import Blend, make_batch
 
@@ -81,8 +83,8 @@ class Engine:
         targets = torch.cat([b["targets"] for b in micros])
         kwargs = {"return_hidden": True}  # the last stage stops before the head: the loss fuses it
         if self.pack:
-            kwargs["doc_positions"] = torch.cat(
-                [pipeline.doc_positions(b["cu_seqlens"], b["tokens"].shape[0], self.seq_len) for b in micros])
+            kwargs["doc_positions"] = torch.cat([packing.document_positions(b["cu_seqlens"], b["tokens"].numel())
+                                                 .to(torch.int32).view(b["tokens"].shape) for b in micros])
         args = (tokens.to(self.device, non_blocking=True),) if self.model.has_first else ()
         target = targets.to(self.device, non_blocking=True) if self.model.has_last else None
         return args, target, kwargs

@@ -3,8 +3,8 @@ through it.
 
 A schedule cuts the step's batch into micro batches along the batch dimension, which
 cu_seqlens (offsets into the flattened batch) cannot follow: the batch travels with per-token
-document positions instead (doc_positions), and each stage turns its micro batch's positions
-back into cu_seqlens on the host (add_packing_hook). The stages themselves are cut in
+document positions instead (meditron_kernels.packing.document_positions), and each stage turns
+its micro batch's positions back into cu_seqlens on the host (add_packing_hook). The stages themselves are cut in
 train/parallelize.py.
 """
 from __future__ import annotations
@@ -14,27 +14,10 @@ import inspect
 import torch
 from torch import nn
 
+from meditron_kernels import packing
+
 
 # ------------------------------------------------------------------------ packed documents
-def doc_positions(cu_seqlens: torch.Tensor, rows: int, seq_len: int) -> torch.Tensor:
-    """(rows, seq) int32: each token's position inside its document, from a micro batch's
-    cu_seqlens. Unlike cu_seqlens it splits along the batch, so a pipeline schedule can cut
-    the step's batch into micro batches and each stage rebuilds its own cu_seqlens."""
-    total = rows * seq_len
-    idx = torch.arange(total)
-    cu = cu_seqlens.to(torch.long)
-    doc = torch.searchsorted(cu[1:], idx, right=True)
-    return (idx - cu[doc]).to(torch.int32).view(rows, seq_len)
-
-
-def cu_seqlens_from_positions(pos: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The inverse of doc_positions on the host: (n_docs + 1,) int32 offsets and the longest document."""
-    flat = pos.reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten()
-    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
-
-
 def add_packing_hook(part: nn.Module, device: torch.device) -> None:
     """Stage forward(x, doc_positions=(mb, seq) CPU int tensor) -> forward(x, cu_seqlens, max_seqlen).
 
@@ -44,9 +27,9 @@ def add_packing_hook(part: nn.Module, device: torch.device) -> None:
     def hook(module, args, kwargs):
         pos = kwargs.pop("doc_positions", None)
         if pos is not None:
-            cu, max_len = cu_seqlens_from_positions(pos.cpu())
+            cu = packing.cu_seqlens_from_positions(pos.cpu())
             kwargs["cu_seqlens"] = cu.to(device, non_blocking=True)
-            kwargs["max_seqlen"] = max_len
+            kwargs["max_seqlen"] = packing.longest_document(cu)
         return args, kwargs
 
     part.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)

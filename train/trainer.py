@@ -42,7 +42,7 @@ from .objective import build_objective
 from .optim import build_optimizer, lr_at
 from .run_dir import changed_settings, check_out_dir, check_resume_compatible, prepare_out_dir, resume_checkpoint
 from .signals import Hooks, StopSignal, TrainingInterrupted
-from .tokenizer import load_tokenizer
+from model.tokenizer import load_tokenizer
 from .validate import Validator
 
 
@@ -78,8 +78,10 @@ def model_config(cfg: Config) -> LlamaConfig:
                 return config_from_hf(json.load(f))
         except FileNotFoundError:
             raise ConfigError(f"model.init_from_hf: {path} does not exist") from None
+        except NotImplementedError as e:  # a family or rope type the model does not implement, named
+            raise ConfigError(f"model.init_from_hf: {path}: {e}") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"model.init_from_hf: {path} is not a Llama config.json ({e})") from None
+            raise ConfigError(f"model.init_from_hf: {path} is not a model config.json we can read ({e})") from None
     shape = dict(PRESETS[cfg.model.preset])
     given = {k: getattr(cfg.model, k) for k in MODEL_SHAPE_KEYS if getattr(cfg.model, k)}
     shape.update(given)
@@ -141,10 +143,9 @@ def check_environment(cfg: Config, device: torch.device) -> None:
     if cfg.model.backend == "cuda":
         if device.type != "cuda":
             raise ConfigError(f"model.backend = 'cuda' needs a CUDA device; training.device resolves to {device}")
-        if not mk.backend.cuda_extension_available():
-            from meditron_kernels import _cuda_ext
-
-            raise ConfigError(f"model.backend = 'cuda' needs the compiled extension: {_cuda_ext.why_unavailable()}")
+        why = mk.backend.unavailable_reason("rms_norm", "cuda", device)
+        if why is not None:
+            raise ConfigError(f"model.backend = 'cuda' needs the compiled extension; {why}")
     if cfg.model.backend == "triton":
         if not mk.backend.triton_available():
             raise ConfigError("model.backend = 'triton' needs the triton package")

@@ -22,7 +22,7 @@ class Launch:
 
     Each op builds its launches in one function per kernel, called both at run time (then
     :meth:`run`) and by ``static_launches()`` on meta tensors for the static GPU report
-    (``meditron_kernels._static``): the configuration the report checks is the one that runs.
+    (``meditron_kernels.static``): the configuration the report checks is the one that runs.
     """
     name: str
     kernel: Any

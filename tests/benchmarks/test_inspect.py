@@ -44,9 +44,9 @@ def test_csrc_records():
 
 
 def static_report_sources():
-    from meditron_kernels import _csrc_static
+    from meditron_kernels import csrc_static
 
-    return _csrc_static.cu_sources()
+    return csrc_static.cu_sources()
 
 
 def test_problems_flags_spills_and_shared():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import meditron_kernels as mk
-from meditron_kernels._static import ARCH_LIMITS, module_reports
+from meditron_kernels.static import ARCH_LIMITS, module_reports
 from meditron_kernels.ops._common import Launch
 from meditron_kernels.ops import attention as A
 from meditron_kernels.ops.attention import configs as C

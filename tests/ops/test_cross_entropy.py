@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import cpu_peak_bytes
-from meditron_kernels._static import module_reports
+from meditron_kernels.static import module_reports
 import meditron_kernels as mk
 from meditron_kernels.ops import cross_entropy as ce
 from tests.helpers import assert_close_rule

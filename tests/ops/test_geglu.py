@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import meditron_kernels as mk
-from meditron_kernels._static import module_reports
+from meditron_kernels.static import module_reports
 from helpers import assert_close_rule, assert_static_clean
 from meditron_kernels.ops import geglu as ops
 

@@ -6,7 +6,7 @@ import torch
 
 import meditron_kernels as mk
 from meditron_kernels.ops._common import Launch
-from meditron_kernels._static import module_reports
+from meditron_kernels.static import module_reports
 from helpers import assert_close_rule, assert_static_clean
 from meditron_kernels import reference as R
 from meditron_kernels.ops import rms_norm as ops

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from meditron_kernels._static import module_reports
+from meditron_kernels.static import module_reports
 import meditron_kernels as mk
 from meditron_kernels.ops import rotary
 from tests.helpers import assert_close_rule, assert_static_clean

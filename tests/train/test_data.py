@@ -7,7 +7,7 @@ import pytest
 
 from train.config import Config
 from train.data import Blend, Corpus, ShardError, bundled_corpora, load_shard, make_batch, write_shard
-from train.tokenizer import ByteTokenizer
+from model.tokenizer import ByteTokenizer
 
 
 def corpus_of_lengths(name, lengths, base=100) -> Corpus:

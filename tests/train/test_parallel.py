@@ -343,13 +343,13 @@ def test_single_process_resume_is_exact_to_the_last_update(reference, tmp_path):
 
 def test_packed_positions_round_trip():
     """Pipelined stages get per-row document positions and rebuild cu_seqlens from them."""
-    from train.pipeline import cu_seqlens_from_positions, doc_positions
+    from meditron_kernels import packing
 
     cu = torch.tensor([0, 5, 16, 32, 40, 64], dtype=torch.int32)
-    pos = doc_positions(cu, 2, 32)
+    pos = packing.document_positions(cu, 64).view(2, 32)
     assert pos.shape == (2, 32) and pos[0, 5] == 0 and pos[0, 4] == 4 and pos[1, 0] == 0
-    back, longest = cu_seqlens_from_positions(pos)
-    assert torch.equal(back, cu) and longest == 24
+    back = packing.cu_seqlens_from_positions(pos)
+    assert torch.equal(back, cu) and packing.longest_document(back) == 24
 
 
 def test_layer_split_and_stage_placement():

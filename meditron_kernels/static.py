@@ -186,7 +186,7 @@ def module_reports(module: str, ccs=(80, 90)) -> dict[str, dict[str, Any]]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    code = ("import json, sys; from meditron_kernels._static import module_reports; "
+    code = ("import json, sys; from meditron_kernels.static import module_reports; "
             f"json.dump(module_reports({module!r}, {tuple(ccs)!r}), sys.stdout)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:

@@ -174,7 +174,7 @@ def compile_all(out_dir: str, archs=ARCHS, jobs: int | None = None) -> dict[tupl
 
 
 def main() -> None:
-    """python -m meditron_kernels._csrc_static: registers, spills, stack and access widths per kernel."""
+    """python -m meditron_kernels.csrc_static: registers, spills, stack and access widths per kernel."""
     with tempfile.TemporaryDirectory() as d:
         stats = compile_all(d)
     print(f"{'arch':6}{'kernel':62}{'regs':>5}{'stack':>6}{'spill st/ld':>12}{'smem':>6}  widest LDG/STG")
