@@ -5,6 +5,7 @@ Everything here that checks only reads, so every rank of a job can check before 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -120,11 +121,14 @@ def check_resume_compatible(cfg: Config, mcfg, meta: dict, path: str, fingerprin
             raise ConfigError(f"cannot resume from {path}: {key} was {was!r} there and is {is_!r} now (it fixes "
                               "the data order); keep it, or start a new run in another --out-dir")
     saved_shape = meta.get("model_config", {})
-    for name in MODEL_SHAPE_KEYS:
-        if name in saved_shape and saved_shape[name] != getattr(mcfg, name):
-            raise ConfigError(f"cannot resume from {path}: model.{name} was {saved_shape[name]!r} there and is "
-                              f"{getattr(mcfg, name)!r} now (the model's shape); keep it, or start a new run in "
-                              "another --out-dir")
+    # every field of the model's config (family switches included), as JSON holds them; max_seq_len
+    # follows training.seq_len, checked above
+    now = json.loads(json.dumps(dataclasses.asdict(mcfg)))
+    for name, was in saved_shape.items():
+        if name != "max_seq_len" and name in now and now[name] != was:
+            key = f"model.{name}" if name in MODEL_SHAPE_KEYS else f"the model's {name}"
+            raise ConfigError(f"cannot resume from {path}: {key} was {was!r} there and is {now[name]!r} now "
+                              "(the model's shape); keep it, or start a new run in another --out-dir")
     if "step" in meta and meta.get("data_position") != meta["step"] * cfg.training.global_batch:
         raise ConfigError(f"checkpoint {path} was written with another training.global_batch")
 

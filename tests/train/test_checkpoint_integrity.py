@@ -223,6 +223,22 @@ def test_resume_refuses_another_data_blend(tmp_path):
         check_resume_compatible(other, model_config(other), meta, "ckpt", "fp")
 
 
+def test_resume_refuses_another_model_family_switch(tmp_path):
+    """Every field of the model's config is part of the run, the family switches included."""
+    import dataclasses
+    import json
+
+    from train.trainer import check_resume_compatible, model_config
+
+    cfg = tiny(tmp_path)
+    saved = json.loads(json.dumps(dataclasses.asdict(model_config(cfg))))  # as meta.json holds it
+    meta = {"config": cfg.to_dict(), "model_config": saved}
+    check_resume_compatible(cfg, model_config(cfg), meta, "ckpt", "fp")
+    meta["model_config"] = dict(saved, qk_norm=not saved["qk_norm"])
+    with pytest.raises(ConfigError, match=r"the model's qk_norm was (True|False) there"):
+        check_resume_compatible(cfg, model_config(cfg), meta, "ckpt", "fp")
+
+
 def test_resume_says_what_changed_and_when_there_is_nothing_to_do(base, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(base[0], out)
