@@ -7,6 +7,7 @@ for every backend.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -216,7 +217,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     max_seqlen_k: int | None = None, seqlens_k: torch.Tensor | None = None,
                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
                     position_ids: torch.Tensor | None = None, return_lse: bool = False,
-                    backend: str | None = None):
+                    window: tuple[int, int] | None = None, backend: str | None = None):
     """Exact attention, softmax(q k^T * softmax_scale) v, with GQA, packing, fused rotary and a KV cache.
 
     Batched: q (batch, sq, n_heads, d); k, v (batch, sk, n_kv_heads, d) -> (batch, sq, n_heads, d).
@@ -235,6 +236,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return_lse=True -> (o, lse): the natural log-sum-exp of each query row's scaled scores, float32,
     (batch, n_heads, sq), or (n_heads, total_q) when packed (FlashAttention's varlen layout); it is
     differentiable too.
+    window=(left, right): local attention with FlashAttention's window_size semantics: the query aligned
+    with key j sees keys j - left .. j + right, -1 meaning unbounded on that side (causal caps right at
+    0). transformers' sliding_window W is window=(W - 1, 0). None or (-1, -1): global attention.
     """
     packed = cu_seqlens is not None
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
@@ -306,13 +310,33 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
             _check_position_ids(position_ids, tuple(k.shape[:-2]), q, rotary[0].shape[0])
     elif position_ids is not None:
         raise ValueError("position_ids is only used with rotary=(cos, sin)")
+    window = _check_window(window, backend, q)
     # the inference options travel as keywords, and only when used
     extra = {name: value for name, value in (("cu_seqlens_k", cu_seqlens_k), ("max_seqlen_k", max_seqlen_k),
-                                              ("seqlens_k", seqlens_k)) if value is not None}
+                                              ("seqlens_k", seqlens_k), ("window", window)) if value is not None}
     if return_lse:
         extra["return_lse"] = True
     return dispatch("flash_attention", backend, q.device)(
         q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, rotary, position_ids, **extra)
+
+
+def _check_window(window, backend_name, q) -> tuple[int, int] | None:
+    """-> (left, right), or None for global attention; refuses a backend without local attention."""
+    if window is None:
+        return None
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+        raise ValueError(f"window must be a (left, right) pair of ints >= -1 (-1: unbounded), got {window!r}")
+    if tuple(window) == (-1, -1):
+        return None
+    from . import backend as B
+
+    name = B.resolve(backend_name, q.device, "flash_attention", q.shape[-1])
+    impl = B.implementations("flash_attention").get(name)
+    if impl is not None and "window" not in inspect.signature(impl).parameters:
+        raise NotImplementedError(f"flash_attention: window={tuple(window)} (local attention) is not implemented "
+                                  f"by the {name!r} backend yet; use backend='torch'")
+    return int(window[0]), int(window[1])
 
 
 def _check_targets(targets, lead_shape, ref, ignore_index):

@@ -207,32 +207,49 @@ def _attention(q, k, v, scale, mask=None):
     return o.reshape(b, sq, h, d), lse
 
 
-def _causal_mask(sq: int, sk, device) -> torch.Tensor:
-    # Bottom-right aligned: query i sees keys 0 .. i + sk - sq. sk: an int, or a (batch,) tensor
-    # -> (sq, sk) or (batch, 1, 1, sq, 1) broadcastable against key indices
+def _visible(diag: torch.Tensor, causal: bool, window) -> torch.Tensor:
+    # diag: a key's index minus the index of the key its query is aligned with (bottom-right).
+    # -> bool, True = attend. FlashAttention's window_size semantics: the query sees keys with
+    # -left <= diag <= right, -1 meaning unbounded on that side; causal caps right at 0.
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0
+    ok = diag <= right if right >= 0 else torch.ones_like(diag, dtype=torch.bool)
+    return ok & (diag >= -left) if left >= 0 else ok
+
+
+def _band_mask(sq: int, sk, device, causal: bool, window, n_keys: int = 0) -> torch.Tensor | None:
+    # Bottom-right aligned: query i sits at key i + sk - sq. sk: an int, or a (batch,) tensor of
+    # key counts with n_keys the key dimension -> (sq, sk) or (batch, 1, 1, sq, n_keys); None when
+    # every key is visible.
+    if not causal and window is None:
+        return None
     i = torch.arange(sq, device=device)
     if isinstance(sk, int):
-        return torch.arange(sk, device=device)[None, :] <= i[:, None] + (sk - sq)
-    return (i[None, :] + (sk[:, None] - sq))[:, None, None, :, None]  # last visible key per row
+        return _visible(torch.arange(sk, device=device)[None, :] - (i[:, None] + (sk - sq)), causal, window)
+    aligned = (i[None, :] + (sk.long()[:, None] - sq))[:, None, None, :, None]  # (batch, 1, 1, sq, 1)
+    return _visible(torch.arange(n_keys, device=device) - aligned, causal, window)
 
 
-def _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen):
+def _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen, window=None):
     # Equal query and key documents. q (total, n_heads, d). Query block [qs, qe) can only see keys
-    # within max_seqlen - 1 of it, so each block attends to a band of keys: O(total x max_seqlen)
-    # work instead of O(total^2). -> o (total, n_heads, d), lse (n_heads, total)
+    # within max_seqlen - 1 of it (or its window), so each block attends to a band of keys:
+    # O(total x max_seqlen) work instead of O(total^2). -> o (total, n_heads, d), lse (n_heads, total)
     total = q.shape[0]
     doc = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=q.device), right=True)
     pos = torch.arange(total, device=q.device)
     band = max_seqlen if max_seqlen is not None else total
+    left, right = window if window is not None else (-1, -1)
+    back = band if left < 0 else min(band, left + 1)
+    ahead = 1 if causal else (band if right < 0 else min(band, right + 1))
     block = max(band, 64)
     outs, lses = [], []
     for qs in range(0, total, block):
         qe = min(total, qs + block)
-        ks = max(0, qs - band + 1)
-        ke = qe if causal else min(total, qe + band - 1)
-        mask = doc[qs:qe, None] == doc[None, ks:ke]
-        if causal:
-            mask = mask & (pos[None, ks:ke] <= pos[qs:qe, None])
+        ks = max(0, qs - back + 1)
+        ke = min(total, qe + ahead - 1)
+        # equal documents: a query is aligned with the key at its own index
+        mask = (doc[qs:qe, None] == doc[None, ks:ke]) & _visible(pos[None, ks:ke] - pos[qs:qe, None], causal, window)
         o, lse = _attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, mask)
         outs.append(o[0])
         lses.append(lse[0])
@@ -241,12 +258,12 @@ def _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen):
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-def _packed_attention_qk(q, k, v, causal, scale, cu_q, cu_k):
+def _packed_attention_qk(q, k, v, causal, scale, cu_q, cu_k, window=None):
     # Different query and key documents, one document at a time (inference: few documents).
     # -> o (total_q, n_heads, d), lse (n_heads, total_q)
     outs, lses = [], []
     for (qs, qe), (ks, ke) in zip(zip(cu_q[:-1].tolist(), cu_q[1:].tolist()), zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
-        mask = _causal_mask(qe - qs, ke - ks, q.device) if causal else None
+        mask = _band_mask(qe - qs, ke - ks, q.device, causal, window)
         o, lse = _attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, mask)
         outs.append(o[0])
         lses.append(lse[0])
@@ -267,7 +284,7 @@ def _rotary_positions(position_ids, b, sk, sq, seqlens_k, device):
 @register("flash_attention", "torch")
 def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
                     rotary=None, position_ids=None, cu_seqlens_k=None, max_seqlen_k=None, seqlens_k=None,
-                    return_lse=False):
+                    return_lse=False, window=None):
     """softmax(q k^T * scale [+ causal/document mask]) v, GQA by head groups.
 
     Batched: q (batch, sq, n_heads, d); k, v (batch, sk, n_kv_heads, d); causal is bottom-right
@@ -276,6 +293,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
     Packed: q (total_q, n_heads, d), k, v (total_k, ...), documents delimited by cu_seqlens (queries)
     and cu_seqlens_k (keys, default cu_seqlens). Rotary: position_ids index the keys ((batch, sk) or
     (total_k,)), by default 0.. restarting per document; queries sit at the last positions.
+    window=(left, right): local attention as FlashAttention's window_size (-1: unbounded on that side),
+    measured from the key each query is aligned with; causal caps right at 0.
     -> o, or (o, lse) with lse (batch, n_heads, sq) or packed (n_heads, total_q), float32 (float64 for
     float64 inputs).
     """
@@ -287,15 +306,16 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
             q = _rotate_at(q, rotary, pos_q[:, :, None])
             k = _rotate_at(k, rotary, pos_k[:, :, None])
         if seqlens_k is None:
-            mask = _causal_mask(sq, sk, q.device) if causal else None
+            mask = _band_mask(sq, sk, q.device, causal, window)
         else:
             lens = seqlens_k.long()
             valid = torch.arange(sk, device=q.device) < lens[:, None]  # (batch, sk)
             # rows past a sequence's keys may hold anything (an unfilled cache): never let them in
             v = v.masked_fill(~valid[:, :, None, None], 0)
             mask = valid[:, None, None, None, :]
-            if causal:
-                mask = mask & (torch.arange(sk, device=q.device) <= _causal_mask(sq, lens, q.device))
+            band = _band_mask(sq, lens, q.device, causal, window, n_keys=sk)
+            if band is not None:
+                mask = mask & band
         o, lse = _attention(q, k, v, scale, mask)
     else:
         cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
@@ -309,9 +329,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, m
             q = _rotate_at(q, rotary, pos_q[:, None])
             k = _rotate_at(k, rotary, pos_k[:, None])
         if cu_seqlens_k is None or cu_seqlens_k is cu_seqlens or torch.equal(cu_seqlens_k, cu_seqlens):
-            o, lse = _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+            o, lse = _packed_attention(q, k, v, causal, scale, cu_seqlens, max_seqlen, window)
         else:
-            o, lse = _packed_attention_qk(q, k, v, causal, scale, cu_seqlens, cu_k)
+            o, lse = _packed_attention_qk(q, k, v, causal, scale, cu_seqlens, cu_k, window)
     if not return_lse:
         return o
     return o, (lse if lse.dtype == torch.float64 else lse.float())

@@ -1,4 +1,6 @@
 """The public API: contract names, backend dispatch and the errors bad input gets."""
+import inspect
+
 import pytest
 import torch
 
@@ -121,6 +123,19 @@ def test_attention_errors():
         mk.flash_attention(q[..., :7], k[..., :7], v[..., :7], rotary=(cos[:, :3], sin[:, :3]))
     with pytest.raises(ValueError, match="position_ids is only used with rotary"):
         mk.flash_attention(q, k, v, position_ids=torch.zeros(2, 6, dtype=torch.long))
+
+
+def test_attention_window_errors():
+    q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    for bad in ((3,), (-2, 0), (1.5, 0), "left", (True, 0)):
+        with pytest.raises(ValueError, match="window must be a \\(left, right\\) pair"):
+            mk.flash_attention(q, k, v, window=bad)
+    # (-1, -1) is global attention, as in FlashAttention
+    assert torch.equal(mk.flash_attention(q, k, v, window=(-1, -1)), mk.flash_attention(q, k, v))
+    impl = B.implementations("flash_attention").get("triton")
+    if impl is not None and "window" not in inspect.signature(impl).parameters:
+        with pytest.raises(NotImplementedError, match="window=\\(3, 0\\).*'triton' backend"):
+            mk.flash_attention(q, k, v, window=(3, 0), backend="triton")
 
 
 def test_packed_attention_errors():

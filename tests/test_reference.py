@@ -103,15 +103,20 @@ def test_xielu_formula():
     torch.testing.assert_close(y, torch.tensor(expect, dtype=D), rtol=1e-12, atol=1e-15)
 
 
-def _attention_loops(q, k, v, causal, scale, doc=None):
-    # q (s, h, d); k, v (s, hkv, d): a row-by-row softmax with explicit head mapping
-    s, h, d = q.shape
+def _attention_loops(q, k, v, causal, scale, doc=None, window=(-1, -1)):
+    # q (sq, h, d); k, v (sk, hkv, d): a row-by-row softmax with explicit head mapping; query i is
+    # aligned with key i + sk - sq and, with window (left, right), sees keys left before to right after it
+    sq, h, d = q.shape
+    sk = k.shape[0]
     group = h // k.shape[1]
+    left, right = window
     out = torch.zeros_like(q)
     for head in range(h):
         kh = head // group
-        for i in range(s):
-            keys = [j for j in range(s) if (not causal or j <= i) and (doc is None or doc[j] == doc[i])]
+        for i in range(sq):
+            at = i + sk - sq
+            keys = [j for j in range(sk) if (not causal or j <= at) and (doc is None or doc[j] == doc[i])
+                    and (left < 0 or j >= at - left) and (right < 0 or j <= at + right)]
             sc = torch.tensor([float(q[i, head] @ k[j, kh]) * scale for j in keys], dtype=D)
             p = torch.exp(sc - sc.max())
             p = p / p.sum()
@@ -137,6 +142,27 @@ def test_packed_attention_stays_in_document(causal):
     doc = sum(([i] * n for i, n in enumerate(lens)), [])
     o = mk.flash_attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=5)
     assert torch.allclose(o, _attention_loops(q, k, v, causal, 8 ** -0.5, doc), atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,window", [(True, (2, -1)), (True, (0, 0)), (False, (1, 2)), (False, (-1, 0))])
+def test_sliding_window_attention_matches_loops(causal, window):
+    # batched with sq < sk (bottom-right aligned), a KV cache with per-sequence lengths, and packed documents
+    q, k, v = torch.randn(2, 4, 4, 8, dtype=D), torch.randn(2, 9, 2, 8, dtype=D), torch.randn(2, 9, 2, 8, dtype=D)
+    o = mk.flash_attention(q, k, v, causal=causal, window=window)
+    for bi in range(2):
+        assert torch.allclose(o[bi], _attention_loops(q[bi], k[bi], v[bi], causal, 8 ** -0.5, window=window),
+                              atol=1e-12)
+    lens = torch.tensor([6, 9], dtype=torch.int32)
+    o = mk.flash_attention(q, k, v, causal=causal, window=window, seqlens_k=lens)
+    for bi, n in enumerate(lens.tolist()):
+        assert torch.allclose(o[bi], _attention_loops(q[bi], k[bi, :n], v[bi, :n], causal, 8 ** -0.5, window=window),
+                              atol=1e-12)
+    lens = [3, 1, 5, 2]
+    cu = torch.tensor([0, 3, 4, 9, 11], dtype=torch.int32)
+    doc = sum(([i] * n for i, n in enumerate(lens)), [])
+    q, k, v = torch.randn(11, 4, 8, dtype=D), torch.randn(11, 2, 8, dtype=D), torch.randn(11, 2, 8, dtype=D)
+    o = mk.flash_attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=5, window=window)
+    assert torch.allclose(o, _attention_loops(q, k, v, causal, 8 ** -0.5, doc, window), atol=1e-12)
 
 
 def test_packed_rotary_restarts_positions_per_document():
