@@ -213,3 +213,12 @@ def test_backward_is_bitwise_deterministic():
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
+
+def test_benchmark_counts_the_band():
+    from benchmarks import bench_attention as B
+
+    assert B.visible_pairs(8, True, (2, 0)) == 1 + 2 + 3 * 6 and B.visible_pairs(8, False, (-1, -1)) == 64
+    assert B.visible_pairs(8, False, (-1, 1)) == sum(min(i + 2, 8) for i in range(8))
+    rows = [dict(op="flash_attention", status="ok", shape=shape, dtype="bf16", direction="forward", provider="triton",
+                 ms=ms) for shape, ms in (("7b 1x8192", 4.0), ("7b 1x8192 window1024", 1.0))]
+    assert B.local_fractions(rows) == {("7b 1x8192 window1024", "bf16", "forward", "triton"): 0.25}
