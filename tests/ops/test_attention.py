@@ -328,7 +328,7 @@ def static_reports():
 def test_static_report(static_reports, cc):
     """bf16, head_dim 128, 64/8 heads, seq 4096, batch 4, causal, with the run-time configs; then one
     decoding step against a 4096-token cache."""
-    reports = [r for r in static_reports[cc] if not r["kernel"].startswith("attention_ws_")]
+    reports = [r for r in static_reports[cc] if not r["kernel"].startswith(("attention_ws_", "attention_local_"))]
     assert [r["kernel"].split("@")[0] for r in reports] == ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv",
                                                              "attention_decode", "attention_decode_reduce"]
     for r in reports:
@@ -342,6 +342,25 @@ def test_static_report(static_reports, cc):
         assert r["mma"] == ("HGMMA" if cc == 90 else "HMMA"), r
         if cc == 90:
             assert r["tma"], r  # the k/v (and q/do) tiles come in through TMA
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_static_report_local(static_reports, cc):
+    """The same layer as a local one (window=(1023, 0)): the windowed variants of every kernel compile
+    without spills, on the same tensor cores (and TMA on sm_90) as the global ones."""
+    reports = [r for r in static_reports[cc] if r["kernel"].startswith("attention_local_")]
+    assert [r["kernel"].split("@")[0] for r in reports] == [
+        "attention_local_fwd", "attention_local_bwd_dq", "attention_local_bwd_dkdv", "attention_local_decode",
+        "attention_local_decode_reduce"]
+    for r in reports:
+        assert r["spill_bytes"] == 0 and r["shared_bytes"] <= ARCH_LIMITS[cc]["smem_per_block"], r
+        if "reduce" in r["kernel"]:
+            assert r["mma"] == "none", r
+        elif "decode" in r["kernel"]:
+            assert r["mma"] == "HMMA", r
+        else:
+            assert r["mma"] == ("HGMMA" if cc == 90 else "HMMA"), r
+            assert r["tma"] or cc == 80, r
 
 
 # ---------------------------------------------------------------------------- sq != sk (inference)

@@ -23,6 +23,11 @@ Causal blocks above the diagonal are never visited, and only diagonal blocks pay
 pack, every loop is bounded by the program's own document: blocks of other documents are skipped,
 not masked.
 
+Sliding window (window=(left, right), FlashAttention's window_size): the constexprs WIN_LEFT and
+WIN_RIGHT narrow every loop to the key (dk/dv: query) blocks that meet the program's band, masked
+only at its two edges; blocks outside it are never loaded. Without a window (-1, -1) the kernels
+compile exactly as before. docs/attention.md, "Sliding-window (local) attention".
+
 Rotary: q and k are rotated in registers as they are loaded, as two rotate-half halves that stay
 separate tiles (q k^T is the sum of the halves' products, so no register shuffles). The forward
 rotates its query block once and every key block it visits. The dq kernel does the same, and hands

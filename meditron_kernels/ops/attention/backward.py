@@ -9,7 +9,7 @@ from .._common import Launch
 from .configs import Config
 from .problem import Problem
 from .tiles import (_LOG2E, _bounds, _d_pad, _doc_bounds, _dot_nt, _load, _load_qk, _make_desc, _mm, _positions,
-                    _store, _store_qk_grad, _tile_ids)
+                    _store, _store_qk_grad, _tile_ids, _window_blocks, _window_rows)
 
 
 # ---------------------------------------------------------------------------- statistics for TMA
@@ -53,12 +53,14 @@ def _load_stat(desc, row, col, ok, BLOCK: tl.constexpr, ROWS: tl.constexpr):
 
 # ---------------------------------------------------------------------------- backward: delta and dq
 @triton.jit
-def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, last_m, lo, hi, L, qk_scale,
+def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, first_m, last_m, lo, hi, L, qk_scale,
                k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
-               USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
+               USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
+               WINDOW: tl.constexpr = False):
+    # (WINDOW: row r also sees no key before first_m[r])
     dtype = v_base.dtype.element_ty
     for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         rows_n = n0 + tl.arange(0, BLOCK_N)
@@ -74,6 +76,8 @@ def _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, last_m, lo, hi, L, qk_scale,
                 keep = rows_n[None, :] < L
                 if CAUSAL:
                     keep = keep & (rows_n[None, :] <= last_m[:, None])
+                if WINDOW:
+                    keep = keep & (rows_n[None, :] >= first_m[:, None])
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -152,6 +156,7 @@ def _attn_bwd_dq(
     HAS_POS: tl.constexpr, VAR_K: tl.constexpr, HAS_DLSE: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr,  # as in _attn_fwd
+    WIN_LEFT: tl.constexpr = -1, WIN_RIGHT: tl.constexpr = -1,  # as in _attn_fwd
 ):
     head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
     start_q, Lq, start_k, Lk = _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED, VAR_K)
@@ -216,33 +221,57 @@ def _attn_bwd_dq(
         dq2 = tl.zeros([BLOCK_M, QK_PAD], dtype=tl.float32)
     else:
         dq2 = tl.zeros([1], dtype=tl.float32)  # unused
-    if CAUSAL:
-        full_end = ((m0 + off + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(m0 + BLOCK_M + off, Lk)
+    WINDOW: tl.constexpr = WIN_LEFT >= 0 or WIN_RIGHT >= 0
+    if WINDOW:
+        # the key blocks of the forward's band, masked at its edges (as in _attn_fwd); a row that sees
+        # no key has lse = -inf, and every score of it is masked: its p is exp2(-inf - 0) = 0
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+        lo, a, b, hi = _window_blocks(m0, Lq, Lk, off, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT)
+        first, last = _window_rows(rows_m + off, WIN_LEFT, WIN_RIGHT)
+        UPPER: tl.constexpr = CAUSAL or WIN_RIGHT >= 0
+        dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, first, last, lo, a, Lk, qk_scale,
+                              k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                              start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                              BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, UPPER, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                              PRECISION, False, True)
+        dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, first, last, a, b, Lk, qk_scale,
+                              k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                              start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                              BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, UPPER, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                              PRECISION, False, True)
+        dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, first, last, b, hi, Lk, qk_scale,
+                              k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                              start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                              BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, UPPER, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                              PRECISION, False, True)
     else:
-        full_end = (Lk // BLOCK_N) * BLOCK_N
-        hi = Lk
-    if WARP_SPEC:  # one masked loop, as in _attn_fwd
-        last = tl.zeros([BLOCK_M], tl.int32) + (Lk - 1)
         if CAUSAL:
-            last = tl.minimum(rows_m + off, last)
-        hi = tl.where(m0 < Lq, hi, 0)
-        dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, last, 0, hi, Lk, qk_scale,
-                              k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                              start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                              BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
-                              PRECISION, True)
-    else:
-        dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m + off, 0, full_end, Lk, qk_scale,
-                              k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                              start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                              BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
-                              PRECISION, False)
-        dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m + off, full_end, hi, Lk, qk_scale,
-                              k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                              start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                              BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
-                              PRECISION, False)
+            full_end = ((m0 + off + 1) // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(m0 + BLOCK_M + off, Lk)
+        else:
+            full_end = (Lk // BLOCK_N) * BLOCK_N
+            hi = Lk
+        if WARP_SPEC:  # one masked loop, as in _attn_fwd
+            last = tl.zeros([BLOCK_M], tl.int32) + (Lk - 1)
+            if CAUSAL:
+                last = tl.minimum(rows_m + off, last)
+            hi = tl.where(m0 < Lq, hi, 0)
+            dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, last, last, 0, hi, Lk, qk_scale,
+                                  k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                  start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                  BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                  PRECISION, True)
+        else:
+            dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, rows_m + off, 0, full_end, Lk, qk_scale,
+                                  k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                  start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                  BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                  PRECISION, False)
+            dq1, dq2 = _dq_blocks(dq1, dq2, q1, q2, do, lse2, delta, rows_m, rows_m + off, full_end, hi, Lk, qk_scale,
+                                  k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                  start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                  BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                  PRECISION, False)
     _store_qk_grad(dq_base, rows_m, Lq, stride_dqs, dq1 * sm_scale, dq2 * sm_scale, pos_m, COS, SIN, stride_rot,
                    HEAD_DIM, QK_PAD, ROTARY)
 
@@ -254,12 +283,16 @@ def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, lo, hi, L, qk_scale,
                  start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
                  MASK: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr, USE_TMA: tl.constexpr,
-                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WIN_LEFT: tl.constexpr = -1,
+                 WIN_RIGHT: tl.constexpr = -1, UPPER: tl.constexpr = True):
     # Query blocks [lo, hi) of the L queries against one key block, transposed (keys on rows) so that
     # dk and dv accumulate without a transpose. Query rows past L load as zeros (q, do, lse, delta),
     # which makes their contribution exactly zero: only the causal diagonal needs a mask (query row r
     # sees keys up to r + off). With ROTARY, q_base points at the queries _attn_bwd_dq already
-    # rotated: no rotation in this loop.
+    # rotated: no rotation in this loop. With a window (WIN_LEFT, WIN_RIGHT as in _attn_fwd; UPPER: a
+    # right bound, causal or WIN_RIGHT) the mask is the band's, and a query row that sees no key
+    # (lse = -inf) has every score masked: its pt is exp2(-inf - 0) = 0.
+    WINDOW: tl.constexpr = WIN_LEFT >= 0 or WIN_RIGHT >= 0
     dtype = q_base.dtype.element_ty
     for m0 in range(lo, hi, BLOCK_M):
         rows_m = m0 + tl.arange(0, BLOCK_M)
@@ -270,7 +303,15 @@ def _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, lo, hi, L, qk_scale,
         lse2 = tl.load(lse_base + rows_m, mask=row_ok, other=0.0) * _LOG2E
         delta = tl.load(delta_base + rows_m, mask=row_ok, other=0.0)
         st = _dot_nt(k1, k2, q1, q2, ROTARY, PRECISION) * qk_scale
-        if MASK:
+        if WINDOW:
+            lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+            if MASK:
+                first, last = _window_rows(rows_m + off, WIN_LEFT, WIN_RIGHT)
+                keep = rows_n[:, None] >= first[None, :]
+                if UPPER:
+                    keep = keep & (rows_n[:, None] <= last[None, :])
+                st = tl.where(keep, st, float("-inf"))
+        elif MASK:
             st = tl.where(rows_m[None, :] + off >= rows_n[:, None], st, float("-inf"))
         pt = tl.math.exp2(st - lse2[None, :])
         dv = tl.dot(_mm(pt, dtype, DOT_F32), do, dv, input_precision=PRECISION)
@@ -337,6 +378,7 @@ def _attn_bwd_dkdv(
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
     VAR_K: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr,  # as in _attn_fwd; also needs each token's heads side by side (stride_qh == HEAD_DIM)
+    WIN_LEFT: tl.constexpr = -1, WIN_RIGHT: tl.constexpr = -1,  # as in _attn_fwd
 ):
     # Causal: the first key blocks carry the most work, and they come first in the flat grid.
     kvh, bid, blk = _tile_ids(n_kv_heads, n_batch, False)
@@ -389,6 +431,38 @@ def _attn_bwd_dkdv(
                                   kvh * group, group, _stats_col(CU_ST, bid, PACKED), DK.dtype.element_ty, BLOCK_M,
                                   HEAD_DIM, CAUSAL,
                                   DOT_F32, PRECISION)
+    elif WIN_LEFT >= 0 or WIN_RIGHT >= 0:
+        # Local attention: only the query blocks whose band meets this key block, masked at its edges.
+        # Key j is seen by query rows j - off - right .. j - off + left: the forward's band transposed.
+        if CAUSAL:
+            lo, a, b, hi = _window_blocks(n0, Lk, Lq, -off, BLOCK_N, BLOCK_M, False, 0, WIN_LEFT)
+        else:
+            lo, a, b, hi = _window_blocks(n0, Lk, Lq, -off, BLOCK_N, BLOCK_M, False, WIN_RIGHT, WIN_LEFT)
+        UPPER: tl.constexpr = CAUSAL or WIN_RIGHT >= 0
+        for g in range(group):
+            h64 = (kvh * group + g).to(tl.int64)
+            q_base = Q + b64 * stride_qb + start_q * stride_qs + h64 * stride_qh
+            do_base = DO + b64 * stride_dob + start_q * stride_dos + h64 * stride_doh
+            lse_base = LSE + b64 * stride_lb + h64 * stride_lh + start_q
+            delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + start_q
+            q_desc = _make_desc(q_base, Lq, HEAD_DIM, stride_qs, BLOCK_M, QK_PAD, USE_TMA)
+            do_desc = _make_desc(do_base, Lq, HEAD_DIM, stride_dos, BLOCK_M, D_PAD, USE_TMA)
+            # the band's leading edge (masked), its inside, its trailing edge (masked)
+            dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, lo, a, Lq, qk_scale,
+                                        q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                                        start_q, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                        BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, True, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                        PRECISION, WIN_LEFT, WIN_RIGHT, UPPER)
+            dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, a, b, Lq, qk_scale,
+                                        q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                                        start_q, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                        BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, False, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                        PRECISION, WIN_LEFT, WIN_RIGHT, UPPER)
+            dk1, dk2, dv = _dkdv_blocks(dk1, dk2, dv, k1, k2, v, rows_n, off, b, hi, Lq, qk_scale,
+                                        q_base, q_desc, stride_qs, do_base, do_desc, stride_dos, lse_base, delta_base,
+                                        start_q, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                        BLOCK_M, HEAD_DIM, D_PAD, QK_PAD, True, ROTARY, HAS_POS, USE_TMA, DOT_F32,
+                                        PRECISION, WIN_LEFT, WIN_RIGHT, UPPER)
     else:
         for g in range(group):
             h64 = (kvh * group + g).to(tl.int64)

@@ -282,8 +282,9 @@ def run_tuned(kernel: str, cc: int | None, x: torch.Tensor, head_dim: int, rotar
 def tune_key(P: Problem, tma: bool) -> tuple:
     """What a tuned choice is kept for, beside the kernel, part, dtype and head_dim: the call's kind and
     its sequence lengths' power-of-two buckets."""
+    window = ((P.window_left, P.window_right),) if P.windowed else ()  # a band is other work than the square
     return (P.causal, P.packed, tma, triton.next_power_of_2(max(P.seqlen_q, 1)),
-            triton.next_power_of_2(max(P.seqlen_k, 1)))
+            triton.next_power_of_2(max(P.seqlen_k, 1))) + window
 
 
 def is_decode(P: Problem) -> bool:

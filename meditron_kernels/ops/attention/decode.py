@@ -10,7 +10,7 @@ from .._common import Launch, cast_rtne
 from .configs import Config
 from .forward import _fwd_blocks
 from .problem import Problem
-from .tiles import _INTERPRETED, _LN2, _bounds, _d_pad, _doc_bounds
+from .tiles import _INTERPRETED, _LN2, _bounds, _d_pad, _doc_bounds, _window_blocks, _window_rows
 
 
 # ---------------------------------------------------------------------------- decoding (split-KV)
@@ -35,6 +35,7 @@ def _attn_decode(
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, VAR_K: tl.constexpr,
     SPLIT: tl.constexpr,  # n_splits > 1: write partial results for _attn_decode_reduce
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SCALE_NEG: tl.constexpr,
+    WIN_LEFT: tl.constexpr = -1, WIN_RIGHT: tl.constexpr = -1,  # as in _attn_fwd
 ):
     # One program: one kv head of one sequence, all its query heads and rows at once (so the cache is
     # read once per kv head, not once per query head), over one split of the keys.
@@ -46,15 +47,25 @@ def _attn_decode(
     if Lq == 0:
         return
     off = Lk - Lq
-    # Splits cut the keys every row sees (causal: 0 .. off); the split holding the last of them also
-    # takes the causal tail. So each split's first key is visible to all rows and its maxima are finite.
-    span = off + 1 if CAUSAL else Lk
-    chunk = tl.cdiv(tl.cdiv(span, n_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, span)
-    hi = tl.where(hi >= span, Lk, hi)
-    hi = tl.where(lo >= span, lo, hi)  # nothing left for this split
-    full_end = lo + ((tl.maximum(tl.minimum(hi, span) - lo, 0)) // BLOCK_N) * BLOCK_N
+    WINDOW: tl.constexpr = WIN_LEFT >= 0 or WIN_RIGHT >= 0
+    if WINDOW:
+        # Local attention: the splits cut the band of keys some row sees, the rest of the cache is never
+        # read; every block is masked (a few rows: the mask is cheap), and a split may be empty for a row.
+        band_lo, _a, _b, span = _window_blocks(0, Lq, Lk, off, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT)
+        chunk = tl.cdiv(tl.cdiv(span - band_lo, n_splits), BLOCK_N) * BLOCK_N
+        lo = band_lo + split * chunk
+        hi = tl.minimum(lo + chunk, span)
+        full_end = lo
+    else:
+        # Splits cut the keys every row sees (causal: 0 .. off); the split holding the last of them also
+        # takes the causal tail. So each split's first key is visible to all rows and its maxima are finite.
+        span = off + 1 if CAUSAL else Lk
+        chunk = tl.cdiv(tl.cdiv(span, n_splits), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, span)
+        hi = tl.where(hi >= span, Lk, hi)
+        hi = tl.where(lo >= span, lo, hi)  # nothing left for this split
+        full_end = lo + ((tl.maximum(tl.minimum(hi, span) - lo, 0)) // BLOCK_N) * BLOCK_N
 
     r = tl.arange(0, BLOCK_M)
     g = r // seqlen_q  # query head within the group
@@ -74,16 +85,24 @@ def _attn_decode(
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q, i + off, lo, full_end, Lk, qk_scale,
-                                k_base, k_base, stride_ks, v_base, v_base, stride_vs,
-                                start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
-                                BLOCK_N, HEAD_DIM, D_PAD, D_PAD, False, CAUSAL, False, False, False,
-                                DOT_F32, PRECISION, SCALE_NEG, False)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q, i + off, full_end, hi, Lk, qk_scale,
-                                k_base, k_base, stride_ks, v_base, v_base, stride_vs,
-                                start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
-                                BLOCK_N, HEAD_DIM, D_PAD, D_PAD, True, CAUSAL, False, False, False,
-                                DOT_F32, PRECISION, SCALE_NEG, False)
+    if WINDOW:
+        first, last = _window_rows(i + off, WIN_LEFT, WIN_RIGHT)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q, first, last, lo, hi, Lk, qk_scale,
+                                    k_base, k_base, stride_ks, v_base, v_base, stride_vs,
+                                    start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
+                                    BLOCK_N, HEAD_DIM, D_PAD, D_PAD, True, CAUSAL or WIN_RIGHT >= 0, False, False,
+                                    False, DOT_F32, PRECISION, SCALE_NEG, False, True)
+    else:
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q, i, i + off, lo, full_end, Lk, qk_scale,
+                                    k_base, k_base, stride_ks, v_base, v_base, stride_vs,
+                                    start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
+                                    BLOCK_N, HEAD_DIM, D_PAD, D_PAD, False, CAUSAL, False, False, False,
+                                    DOT_F32, PRECISION, SCALE_NEG, False)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q, i, i + off, full_end, hi, Lk, qk_scale,
+                                    k_base, k_base, stride_ks, v_base, v_base, stride_vs,
+                                    start_k, bid, LENS_K, 0, 0, LENS_K, LENS_K, 0,
+                                    BLOCK_N, HEAD_DIM, D_PAD, D_PAD, True, CAUSAL, False, False, False,
+                                    DOT_F32, PRECISION, SCALE_NEG, False)
     lse = tl.where(l_i > 0, (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * _LN2, float("-inf"))  # empty split
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
@@ -109,6 +128,7 @@ def _attn_decode_reduce(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,  # n_splits rounded up to a power of two
     PACKED: tl.constexpr,
+    WINDOW: tl.constexpr = False,  # local attention: a row may have no key in any split
 ):
     # One program per query row of one head: the splits' softmaxes merged by their log-sum-exps.
     pid = tl.program_id(0)
@@ -121,13 +141,18 @@ def _attn_decode_reduce(
     s = tl.arange(0, SPLITS_PAD)
     part = ((bid.to(tl.int64) * n_heads + head) * n_splits + s) * seqlen_q + i
     lse_s = tl.load(LSE_PART + part, mask=s < n_splits, other=float("-inf"))
-    m = tl.max(lse_s, 0)  # finite: the first split is never empty
+    m = tl.max(lse_s, 0)  # finite: the first split is never empty (but for a window)
+    if WINDOW:
+        m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse_s - m)
     total = tl.sum(w, 0)
     cols = tl.arange(0, D_PAD)
     o_s = tl.load(O_PART + part[:, None] * HEAD_DIM + cols[None, :], mask=(s < n_splits)[:, None] &
                   (cols < HEAD_DIM)[None, :], other=0.0)
-    o = tl.sum(w[:, None] * o_s, 0) / total
+    if WINDOW:  # a row that sees no key: o = 0, lse = -inf
+        o = tl.sum(w[:, None] * o_s, 0) / tl.where(total > 0, total, 1.0)
+    else:
+        o = tl.sum(w[:, None] * o_s, 0) / total
     b64 = bid.to(tl.int64)
     tl.store(O + b64 * stride_ob + (start_q + i) * stride_os + head * stride_oh + cols,
              cast_rtne(o, O.dtype.element_ty, _INTERPRETED), mask=cols < HEAD_DIM)
@@ -149,7 +174,7 @@ def decode_launch(P: Problem, q, k, v, o, lse, o_part, lse_part, cfg: Config, n_
         group=P.group, n_splits=n_splits, HEAD_DIM=P.head_dim, D_PAD=_d_pad(P.head_dim),
         BLOCK_M=max(cfg.block_m, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, CAUSAL=P.causal,
         PACKED=P.packed, VAR_K=P.lens_k is not None, SPLIT=n_splits > 1, DOT_F32=flags["DOT_F32"],
-        PRECISION=flags["PRECISION"], SCALE_NEG=P.scale < 0)
+        PRECISION=flags["PRECISION"], SCALE_NEG=P.scale < 0, WIN_LEFT=P.window_left, WIN_RIGHT=P.window_right)
     return Launch("attention_decode", _attn_decode, args, cfg.num_warps, cfg.num_stages,
                   (P.n_batch * P.n_kv * n_splits,))
 
@@ -159,5 +184,6 @@ def reduce_launch(P: Problem, o, lse, o_part, lse_part, n_splits: int) -> Launch
     args = dict(O_PART=o_part, LSE_PART=lse_part, O=o, LSE=lse, CU=P.cu if P.packed else lse,
                 stride_ob=bo[0], stride_os=bo[1], stride_oh=bo[2], **P.lse_strides(lse), seqlen_q=P.seqlen_q,
                 n_heads=P.n_heads, n_batch=P.n_batch, n_splits=n_splits, HEAD_DIM=P.head_dim,
-                D_PAD=_d_pad(P.head_dim), SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), PACKED=P.packed)
+                D_PAD=_d_pad(P.head_dim), SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), PACKED=P.packed,
+                WINDOW=P.windowed)
     return Launch("attention_decode_reduce", _attn_decode_reduce, args, 4, 1, (P.n_batch * P.n_heads * P.seqlen_q,))

@@ -8,21 +8,32 @@ import triton.language as tl
 from .._common import Launch
 from .configs import Config
 from .problem import Problem
-from .tiles import _LN2, _bounds, _dot_nt, _load, _load_qk, _make_desc, _mm, _positions, _store, _tile_ids
+from .tiles import (_LN2, _bounds, _dot_nt, _load, _load_qk, _make_desc, _mm, _positions, _store, _tile_ids,
+                    _window_blocks, _window_rows)
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q1, q2, last_m, lo, hi, L, qk_scale,
+def _fwd_blocks(acc, l_i, m_i, q1, q2, first_m, last_m, lo, hi, L, qk_scale,
                 k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
                 start, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QK_PAD: tl.constexpr,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HAS_POS: tl.constexpr,
                 USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SCALE_NEG: tl.constexpr,
-                WARP_SPEC: tl.constexpr):
-    # Key blocks [lo, hi) of the L keys in the online softmax; row r sees keys up to last_m[r] (CAUSAL).
+                WARP_SPEC: tl.constexpr, WINDOW: tl.constexpr = False, gap_lo=0, gap_hi=0):
+    # Key blocks [lo, hi) of the L keys in the online softmax; row r sees keys up to last_m[r] (CAUSAL),
+    # and (WINDOW) from first_m[r] on. WINDOW and MASK: the blocks [gap_lo, gap_hi) are jumped over (the
+    # band's inside, which an unmasked loop takes), so that one masked loop walks both of its edges.
     # Scores live in base 2 (qk_scale carries log2(e)).
     dtype = v_base.dtype.element_ty
-    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    if WINDOW and MASK:
+        gap = gap_hi - gap_lo
+    else:
+        gap = 0
+    for it in tl.range(lo, hi - gap, BLOCK_N, warp_specialize=WARP_SPEC):
+        if WINDOW and MASK:
+            n0 = tl.where(it >= gap_lo, it + gap, it)
+        else:
+            n0 = it
         rows_n = n0 + tl.arange(0, BLOCK_N)
         pos_n = _positions(POS, bid, start, rows_n, L, stride_pb, stride_ps, HAS_POS)
         k1, k2 = _load_qk(k_base, k_desc, n0, rows_n, L, stride_ks, pos_n, COS, SIN, stride_rot,
@@ -36,9 +47,19 @@ def _fwd_blocks(acc, l_i, m_i, q1, q2, last_m, lo, hi, L, qk_scale,
                 keep = rows_n[None, :] < L
                 if CAUSAL:
                     keep = keep & (rows_n[None, :] <= last_m[:, None])
+                if WINDOW:
+                    keep = keep & (rows_n[None, :] >= first_m[:, None])
             s = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
+            if WINDOW:
+                # A window may hide every key so far from a row (key 0 is no longer everyone's): its
+                # maximum stays -inf, and a finite stand-in keeps p and alpha at 0 instead of NaN.
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(s - m_sub[:, None])
+                alpha = tl.math.exp2(m_i - m_sub)
+            else:
+                p = tl.math.exp2(s - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
         else:
             # The row maximum is scaled after the reduction, and the scale folds into one FMA per score.
             if SCALE_NEG:
@@ -46,7 +67,7 @@ def _fwd_blocks(acc, l_i, m_i, q1, q2, last_m, lo, hi, L, qk_scale,
             else:
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load(v_base, v_desc, n0, rows_n, L, stride_vs, HEAD_DIM, D_PAD, USE_TMA, DOT_F32)
         acc = acc * alpha[:, None]
@@ -88,6 +109,8 @@ def _attn_fwd(
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else unused
     SCALE_NEG: tl.constexpr,  # softmax_scale < 0: the row maximum of the scaled scores is the scaled minimum
     WARP_SPEC: tl.constexpr,  # sm_90, USE_TMA, no ROTARY: the key loop warp-specialized (TMA producer, MMA consumers)
+    WIN_LEFT: tl.constexpr = -1,  # local attention: query row r sees keys r + off - WIN_LEFT .. (-1: unbounded)
+    WIN_RIGHT: tl.constexpr = -1,  # .. r + off + WIN_RIGHT (-1: unbounded; CAUSAL: -1, the diagonal bounds it)
 ):
     head, bid, blk = _tile_ids(n_heads, n_batch, CAUSAL)
     start_q, Lq, start_k, Lk = _bounds(CU, CU_K, LENS_K, bid, seqlen_q, seqlen_k, PACKED, VAR_K)
@@ -112,37 +135,57 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if CAUSAL:
-        # every key block up to the block's first row's last key is visible to all its rows
-        full_end = ((m0 + off + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(m0 + BLOCK_M + off, Lk)
+    WINDOW: tl.constexpr = WIN_LEFT >= 0 or WIN_RIGHT >= 0
+    if WINDOW:
+        # Local attention: only the key blocks that meet the block's band are visited. First those
+        # every row sees in full, unmasked; then one masked loop over the band's two edges.
+        lo, a, b, hi = _window_blocks(m0, Lq, Lk, off, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT)
+        first, last = _window_rows(rows_m + off, WIN_LEFT, WIN_RIGHT)
+        UPPER: tl.constexpr = CAUSAL or WIN_RIGHT >= 0
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, first, last, a, b, Lk, qk_scale,
+                                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                    start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, UPPER, ROTARY, HAS_POS, USE_TMA,
+                                    DOT_F32, PRECISION, SCALE_NEG, False, True)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, first, last, lo, hi, Lk, qk_scale,
+                                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                    start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                    BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, UPPER, ROTARY, HAS_POS, USE_TMA,
+                                    DOT_F32, PRECISION, SCALE_NEG, False, True, a, b)
+        # a row that sees no key (more queries than keys) gets o = 0 and lse = -inf, as FlashAttention
+        l_i = tl.where(l_i > 0, l_i, 1.0)
     else:
-        full_end = (Lk // BLOCK_N) * BLOCK_N
-        hi = Lk
-    if WARP_SPEC:
-        # Triton's Hopper warp specialization takes one loop per kernel: every key block goes through
-        # the masked step, with the sequence end folded into each row's last key (one compare per
-        # score). Key 0 is visible to every row, so the maxima stay finite.
-        last = tl.zeros([BLOCK_M], tl.int32) + (Lk - 1)
         if CAUSAL:
-            last = tl.minimum(rows_m + off, last)
-        hi = tl.where(m0 < Lq, hi, 0)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, last, 0, hi, Lk, qk_scale,
-                                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                                    start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                                    BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
-                                    DOT_F32, PRECISION, SCALE_NEG, True)
-    else:
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m + off, 0, full_end, Lk, qk_scale,
-                                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                                    start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                                    BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA,
-                                    DOT_F32, PRECISION, SCALE_NEG, False)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m + off, full_end, hi, Lk, qk_scale,
-                                    k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
-                                    start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
-                                    BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
-                                    DOT_F32, PRECISION, SCALE_NEG, False)
+            # every key block up to the block's first row's last key is visible to all its rows
+            full_end = ((m0 + off + 1) // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(m0 + BLOCK_M + off, Lk)
+        else:
+            full_end = (Lk // BLOCK_N) * BLOCK_N
+            hi = Lk
+        if WARP_SPEC:
+            # Triton's Hopper warp specialization takes one loop per kernel: every key block goes through
+            # the masked step, with the sequence end folded into each row's last key (one compare per
+            # score). Key 0 is visible to every row, so the maxima stay finite.
+            last = tl.zeros([BLOCK_M], tl.int32) + (Lk - 1)
+            if CAUSAL:
+                last = tl.minimum(rows_m + off, last)
+            hi = tl.where(m0 < Lq, hi, 0)
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, last, last, 0, hi, Lk, qk_scale,
+                                        k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                        start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                        BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                        DOT_F32, PRECISION, SCALE_NEG, True)
+        else:
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, rows_m + off, 0, full_end, Lk, qk_scale,
+                                        k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                        start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                        BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, False, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                        DOT_F32, PRECISION, SCALE_NEG, False)
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q1, q2, rows_m, rows_m + off, full_end, hi, Lk, qk_scale,
+                                        k_base, k_desc, stride_ks, v_base, v_desc, stride_vs,
+                                        start_k, bid, POS, stride_pb, stride_ps, COS, SIN, stride_rot,
+                                        BLOCK_N, HEAD_DIM, D_PAD, QK_PAD, True, CAUSAL, ROTARY, HAS_POS, USE_TMA,
+                                        DOT_F32, PRECISION, SCALE_NEG, False)
     if WARP_SPEC:  # an emptied program (past its document's end) has l_i = 0 and stores nothing
         l_i = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_i[:, None]

@@ -61,7 +61,7 @@ def attention_forward(P: Problem, q, k, v, ov: Overrides = NO_OVERRIDES):
 
     run_tuned("fwd", cc, q, P.head_dim, P.rotary, tune_key(P, tma),
               lambda cfg: fwd_launch(P, q, k, v, o, lse, cfg, flags).run(),
-              warp_spec_ok(tma, P.rotary, var_k=P.lens_k is not None), ov.configs.get("fwd"))
+              warp_spec_ok(tma, P.rotary, var_k=P.lens_k is not None) and not P.windowed, ov.configs.get("fwd"))
     return o, lse
 
 
@@ -76,7 +76,10 @@ def _decode(P: Problem, q, k, v, o, lse, cc: int | None, splits: int | None = No
     the GPU), then (if split) the merge."""
     cfg = decode_config(cc, q.dtype, P.head_dim)
     min_split = DECODE_MIN_SPLIT if cc is not None else _INTERPRETER_DECODE[1]
-    n_splits = splits or decode_splits(P.n_batch * P.n_kv, P.seqlen_k, _sm_count(q), min_split)
+    keys = P.seqlen_k
+    if P.window_left >= 0:  # only the band is read
+        keys = min(keys, P.window_left + P.seqlen_q + max(P.window_right, 0))
+    n_splits = splits or decode_splits(P.n_batch * P.n_kv, keys, _sm_count(q), min_split)
     o_part = lse_part = lse
     if n_splits > 1:
         o_part = torch.empty(P.n_batch, P.n_heads, n_splits, P.seqlen_q, P.head_dim, dtype=torch.float32,
@@ -107,8 +110,9 @@ def attention_backward(P: Problem, do, q, k, v, o, lse, dlse=None, ov: Overrides
     flags = launch_flags(q, cc, tma)
     delta = torch.empty_like(lse)
     qrot = torch.empty_like(dq) if rotary else dq  # the dq kernel writes q rotated for the dk/dv kernel
-    ws_dq = warp_spec_ok(tma, rotary, var_k=P.lens_k is not None)
-    ws_dkdv = warp_spec_ok(tma, rotary, q, do, var_k=P.lens_k is not None)
+    # the warp-specialized loops have no window (one masked loop over every block would defeat it)
+    ws_dq = warp_spec_ok(tma, rotary, var_k=P.lens_k is not None) and not P.windowed
+    ws_dkdv = warp_spec_ok(tma, rotary, q, do, var_k=P.lens_k is not None) and not P.windowed
     stats = cu_st = None
     if ws_dq:  # (n_seq, 2 * n_heads, tokens): what _attn_bwd_stats writes for the warp-specialized kernels
         n_tok = P.seqlen_q
@@ -143,17 +147,18 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
             cu_seqlens: Optional[torch.Tensor], max_seqlen: int, cos: Optional[torch.Tensor],
             sin: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
-            seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+            seqlens_k: Optional[torch.Tensor] = None, window_left: int = -1,
+            window_right: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     # max_seqlen(_k) 0: unknown, measured from the offsets inside (a host sync a traced graph must not see)
     P = Problem.of(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k,
-                   max_seqlen_k, seqlens_k)
+                   max_seqlen_k, seqlens_k, window_left, window_right)
     with device_of(q.device):  # the descriptors' scratch is allocated there too
         return attention_forward(P, q, k, v, current_overrides())
 
 
 @_fwd_op.register_fake
 def _(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k=None,
-      max_seqlen_k=0, seqlens_k=None):
+      max_seqlen_k=0, seqlens_k=None, window_left=-1, window_right=-1):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), lse_empty(q, cu_seqlens is not None)
 
 
@@ -163,29 +168,31 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             max_seqlen: int, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
             position_ids: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None,
             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: int = 0,
-            seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            seqlens_k: Optional[torch.Tensor] = None, window_left: int = -1,
+            window_right: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     P = Problem.of(q, k, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k,
-                   max_seqlen_k, seqlens_k)
+                   max_seqlen_k, seqlens_k, window_left, window_right)
     with device_of(q.device):
         return attention_backward(P, do, q, k, v, o, lse, dlse, current_overrides())
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, o, lse, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, dlse=None,
-      cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None):
+      cu_seqlens_k=None, max_seqlen_k=0, seqlens_k=None, window_left=-1, window_right=-1):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cos, sin, position_ids, cu_seqlens_k, max_seqlen_k,
-     seqlens_k) = inputs
+     seqlens_k, window_left, window_right) = inputs
     o, lse = output
     # an unused log-sum-exp then reaches the backward as None, not as zeros: nothing to add, and no
     # plain-tensor zeros beside DTensor inputs under tensor parallelism
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cos, sin, position_ids, cu_seqlens_k, seqlens_k)
     ctx.causal, ctx.softmax_scale, ctx.max_seqlen, ctx.max_seqlen_k = causal, softmax_scale, max_seqlen, max_seqlen_k
+    ctx.window = (window_left, window_right)
 
 
 def _backward(ctx, do, dlse):
@@ -195,8 +202,8 @@ def _backward(ctx, do, dlse):
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, cu_seqlens, ctx.max_seqlen, cos, sin,
-                         position_ids, dlse, cu_seqlens_k, ctx.max_seqlen_k, seqlens_k)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                         position_ids, dlse, cu_seqlens_k, ctx.max_seqlen_k, seqlens_k, *ctx.window)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -214,22 +221,26 @@ def _check_kernel_limits(q: torch.Tensor, rotary) -> None:
 @register("flash_attention", "triton")
 def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
                     rotary=None, position_ids=None, cu_seqlens_k=None, max_seqlen_k=None, seqlens_k=None,
-                    return_lse=False):
+                    return_lse=False, window=None):
     """Batched: q (batch, sq, n_heads, d), k, v (batch, sk, n_kv_heads, d) -> (batch, sq, n_heads, d).
     Packed: q (total_q, n_heads, d), k, v (total_k, n_kv_heads, d), cu_seqlens (and cu_seqlens_k)
     (n_docs + 1,) -> (total_q, n_heads, d). return_lse: also the fp32 log-sum-exp, (batch, n_heads, sq)
-    or (n_heads, total_q)."""
+    or (n_heads, total_q). window=(left, right): local attention, FlashAttention's window_size; key
+    blocks outside a query block's band are skipped. A query that sees no key (more queries than
+    keys) gets o = 0 and lse = -inf."""
     _check_kernel_limits(q, rotary)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cos, sin = rotary if rotary is not None else (None, None)
+    left, right = window if window is not None else (-1, -1)
     o, lse = _fwd_op(q, k, v, causal, scale, cu_seqlens, max_seqlen or 0, cos, sin, position_ids, cu_seqlens_k,
-                     max_seqlen_k or 0, seqlens_k)
+                     max_seqlen_k or 0, seqlens_k, int(left), int(right))
     return (o, lse) if return_lse else o
 
 
 # ---------------------------------------------------------------------------- static report
 def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int, causal: bool = True,
-              rotary: bool = False, configs: dict | None = None, prefix: str = "attention") -> list[Launch]:
+              rotary: bool = False, configs: dict | None = None, prefix: str = "attention",
+              window: tuple[int, int] = (-1, -1)) -> list[Launch]:
     """The three launches of one batched call, configured as they run on ``arch`` (default configs, or
     ``configs`` {kernel: Config}: those kernels only). Tensors live on the meta device: the compiler
     reads only their dtype and alignment."""
@@ -240,7 +251,7 @@ def _launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d
     stats = torch.empty(b, 2 * h, -(-s // 4) * 4, dtype=torch.float32, device="meta")
     cos = sin = torch.empty(s, d // 2, dtype=torch.float32, device="meta") if rotary else None
     P = Problem(packed=False, n_batch=b, seqlen_q=s, seqlen_k=s, n_heads=h, n_kv=hkv, head_dim=d, causal=causal,
-                scale=1.0 / math.sqrt(d), cos=cos, sin=sin)
+                scale=1.0 / math.sqrt(d), cos=cos, sin=sin, window_left=window[0], window_right=window[1])
     flags = launch_flags(q, arch, use_tma(arch, d, rotary, q, k, v, do))
     if configs is None:
         configs = {kernel: default_config(kernel, arch, dtype, d, rotary) for kernel in ("fwd", "dq", "dkdv")}
@@ -274,7 +285,8 @@ def _ws_launches(dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -
     return out + [first_pass]
 
 
-def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int) -> list[Launch]:
+def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv: int, d: int,
+                     window: tuple[int, int] = (-1, -1), prefix: str = "attention") -> list[Launch]:
     """One decoding step (one query per sequence) against a cache of ``s`` keys with per-sequence
     lengths, split as it is on a GPU of 132 SMs, and the merge of the splits."""
     meta = dict(dtype=dtype, device="meta")
@@ -283,7 +295,7 @@ def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv:
     lens = torch.empty(b, dtype=torch.int32, device="meta")
     lse = torch.empty(b, h, 1, dtype=torch.float32, device="meta")
     P = Problem(packed=False, n_batch=b, seqlen_q=1, seqlen_k=s, n_heads=h, n_kv=hkv, head_dim=d, causal=True,
-                scale=1.0 / math.sqrt(d), lens_k=lens)
+                scale=1.0 / math.sqrt(d), lens_k=lens, window_left=window[0], window_right=window[1])
     cfg = decode_config(arch, dtype, d)
     n_splits = decode_splits(b * hkv, s, 132)
     o_part = torch.empty(b, h, n_splits, 1, d, dtype=torch.float32, device="meta")
@@ -291,7 +303,7 @@ def _decode_launches(arch: int, dtype: torch.dtype, b: int, s: int, h: int, hkv:
     launches = [decode_launch(P, q, k, v, o, lse, o_part, lse_part, cfg, n_splits, launch_flags(q, arch, False)),
                 reduce_launch(P, o, lse, o_part, lse_part, n_splits)]
     for launch in launches:
-        launch.name += f"@sm_{arch}"
+        launch.name = launch.name.replace("attention", prefix, 1) + f"@sm_{arch}"
     return launches
 
 
@@ -300,8 +312,13 @@ def static_launches(cc: int | None = None) -> list[Launch]:
     head_dim 128, seq 4096, batch 4, causal), then a decoding step of the same layer (batch 1 against
     a 4096-token cache, split over the keys), configured as they run on ``cc`` (80 or 90; None: both;
     each launch's name ends in the architecture it is configured for). On sm_90 also the warp-specialized
-    candidates of the same layer (named attention_ws_*)."""
+    candidates of the same layer (named attention_ws_*). Last, the same layer as a local one, a
+    causal 1024-token sliding window (window=(1023, 0), named attention_local_*), forward, backward and
+    decoding against an 8192-token cache."""
+    local = (1023, 0)
     return [launch for arch in ((80, 90) if cc is None else (cc,))
             for launch in _launches(arch, torch.bfloat16, 4, 4096, 64, 8, 128)
             + _decode_launches(arch, torch.bfloat16, 1, 4096, 64, 8, 128)
-            + (_ws_launches(torch.bfloat16, 4, 4096, 64, 8, 128) if arch == 90 else [])]
+            + (_ws_launches(torch.bfloat16, 4, 4096, 64, 8, 128) if arch == 90 else [])
+            + _launches(arch, torch.bfloat16, 4, 4096, 64, 8, 128, prefix="attention_local", window=local)
+            + _decode_launches(arch, torch.bfloat16, 1, 8192, 64, 8, 128, window=local, prefix="attention_local")]

@@ -37,10 +37,15 @@ class Problem:
     cos: torch.Tensor | None = None  # (max_pos, head_dim // 2) fp32, unit column stride; sin alike
     sin: torch.Tensor | None = None
     pos: torch.Tensor | None = None  # position ids of the keys, (batch or 1, sk) or (total_k,)
+    # local attention: the query aligned with key j sees keys j - window_left .. j + window_right
+    # (-1: unbounded on that side); causal caps the right side at 0
+    window_left: int = -1
+    window_right: int = -1
 
     @classmethod
     def of(cls, q: torch.Tensor, k: torch.Tensor, causal: bool, softmax_scale: float, cu_seqlens, max_seqlen: int,
-           cos, sin, position_ids, cu_seqlens_k=None, max_seqlen_k: int = 0, seqlens_k=None) -> "Problem":
+           cos, sin, position_ids, cu_seqlens_k=None, max_seqlen_k: int = 0, seqlens_k=None,
+           window_left: int = -1, window_right: int = -1) -> "Problem":
         """The problem of one op call (the custom ops' arguments). max_seqlen(_k) 0: unknown, measured
         from the offsets (one host sync per offsets tensor, shared with the argument checks)."""
         packed = cu_seqlens is not None
@@ -58,11 +63,17 @@ class Problem:
             _check_positions(position_ids, cos.shape[0], seqlen_k)
         return cls(packed=packed, n_batch=n_batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, n_heads=q.shape[-2],
                    n_kv=k.shape[-2], head_dim=q.shape[-1], causal=causal, scale=softmax_scale, cu=cu_seqlens,
-                   cu_k=cu_seqlens_k, lens_k=seqlens_k, cos=cos, sin=sin, pos=position_ids)
+                   cu_k=cu_seqlens_k, lens_k=seqlens_k, cos=cos, sin=sin, pos=position_ids,
+                   window_left=max(window_left, -1), window_right=-1 if causal else max(window_right, -1))
 
     @property
     def rotary(self) -> bool:
         return self.cos is not None
+
+    @property
+    def windowed(self) -> bool:
+        """Local attention: a bound beyond causality on the keys a query sees."""
+        return self.window_left >= 0 or self.window_right >= 0
 
     @property
     def group(self) -> int:
@@ -95,7 +106,8 @@ class Problem:
             seqlen_k=0 if self.packed else self.seqlen_k,
             n_batch=self.n_batch, group=self.group, HEAD_DIM=self.head_dim,
             D_PAD=_d_pad(self.head_dim), QK_PAD=_qk_pad(self.head_dim, rot), CAUSAL=self.causal,
-            PACKED=self.packed, ROTARY=rot, HAS_POS=pos is not None, VAR_K=self.lens_k is not None)
+            PACKED=self.packed, ROTARY=rot, HAS_POS=pos is not None, VAR_K=self.lens_k is not None,
+            WIN_LEFT=self.window_left, WIN_RIGHT=self.window_right)
 
     def strides(self, x: torch.Tensor) -> tuple[int, int, int]:
         """(sequence, token, head) strides of q, k, v, o or a gradient, in elements; a pack is one

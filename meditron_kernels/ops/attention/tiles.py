@@ -197,3 +197,49 @@ def _mm(x, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
     if DOT_F32:
         y = y.to(tl.float32)
     return y
+
+
+@triton.jit
+def _window_blocks(m0, Lq, Lk, off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr):
+    # Local attention, the key blocks of query block m0 (query row r sees keys r + off - WIN_LEFT ..
+    # r + off + WIN_RIGHT, CAUSAL: .. r + off) -> (lo, a, b, hi): the blocks from lo to hi meet the
+    # band, and those in [a, b) lie inside every row's window and the sequence (no mask needed).
+    # Blocks outside [lo, hi) are never visited: that is what makes a local layer cheap.
+    first = m0 + off  # key aligned with the block's first row, then its last valid row
+    last = tl.minimum(m0 + BLOCK_M, Lq) - 1 + off
+    if WIN_LEFT >= 0:
+        k_lo = tl.maximum(first - WIN_LEFT, 0)
+        full_lo = tl.maximum(last - WIN_LEFT, 0)
+    else:
+        k_lo = first * 0
+        full_lo = first * 0
+    if WIN_RIGHT >= 0:
+        k_hi = tl.minimum(last + WIN_RIGHT + 1, Lk)
+        full_hi = tl.minimum(first + WIN_RIGHT + 1, Lk)
+    elif CAUSAL:
+        k_hi = tl.minimum(last + 1, Lk)
+        full_hi = tl.minimum(first + 1, Lk)
+    else:
+        k_hi = Lk + first * 0
+        full_hi = Lk + first * 0
+    lo = (k_lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(k_hi, lo)
+    a = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo), hi)
+    b = tl.minimum(tl.maximum((tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N, a), hi)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _window_rows(aligned, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr):
+    # -> (first, last) key each query sees, from the key it is aligned with (without a right bound:
+    # the aligned key, which is the causal bound and is unused otherwise)
+    if WIN_LEFT >= 0:
+        first = aligned - WIN_LEFT
+    else:
+        first = aligned * 0 - 1
+    if WIN_RIGHT >= 0:
+        last = aligned + WIN_RIGHT
+    else:
+        last = aligned
+    return first, last
