@@ -10,10 +10,24 @@ import pytest
 from benchmarks import inspect as static_report
 
 
+def test_every_triton_module_has_its_static_test():
+    """Each module's launches are compiled for sm_80 and sm_90 and checked (spills, shared memory,
+    access width) by its own op test; the report's command line is checked on one module below,
+    so no kernel is compiled twice in one run."""
+    from pathlib import Path
+
+    ops_tests = Path(__file__).resolve().parents[1] / "ops"
+    for name in static_report.triton_modules():
+        test = ops_tests / f"test_{name}.py"
+        assert test.exists(), f"meditron_kernels.ops.{name} has static_launches but no {test.name}"
+        assert f'module_reports("meditron_kernels.ops.{name}"' in test.read_text(), \
+            f"{test.name} does not compile meditron_kernels.ops.{name}'s static launches"
+
+
 @pytest.mark.slow
 def test_no_triton_kernel_spills(tmp_path, capsys):
     path = tmp_path / "static.json"
-    status = static_report.main(["--no-csrc", "--json", str(path)])
+    status = static_report.main(["--no-csrc", "--modules", "swiglu", "--json", str(path)])
     out = capsys.readouterr().out
     records = json.loads(path.read_text())
     assert any(r["source"].startswith("triton:") for r in records), out
