@@ -144,43 +144,43 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return dispatch("apply_rotary", backend, q.device)(q, k, cos, sin, position_ids, interleaved)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """silu(gate) * up for any matching shapes."""
+def _check_gate_up(gate: torch.Tensor, up: torch.Tensor) -> None:
     V.floating(gate, "gate")
     V.floating(up, "up")
     if gate.shape != up.shape:
         raise ValueError(f"gate has shape {tuple(gate.shape)} but up has {tuple(up.shape)}")
     V.same_dtype(up, "up", gate, "gate")
     V.same_device(up, "up", gate, "gate")
+
+
+def _check_packed_gate_up(gate_up: torch.Tensor) -> None:
+    V.floating(gate_up, "gate_up")
+    V.ndim(gate_up, "gate_up", tuple(range(1, 9)), "(..., 2 * ffn)")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim must be even (2 * ffn), got {gate_up.shape[-1]}")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """silu(gate) * up for any matching shapes."""
+    _check_gate_up(gate, up)
     return dispatch("swiglu", backend, gate.device)(gate, up)
 
 
 def swiglu_packed(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """SwiGLU on the output of one fused w1|w3 GEMM: gate_up (..., 2 * ffn) = [gate | up] -> (..., ffn)."""
-    V.floating(gate_up, "gate_up")
-    V.ndim(gate_up, "gate_up", tuple(range(1, 9)), "(..., 2 * ffn)")
-    if gate_up.shape[-1] % 2:
-        raise ValueError(f"gate_up's last dim must be even (2 * ffn), got {gate_up.shape[-1]}")
+    _check_packed_gate_up(gate_up)
     return dispatch("swiglu_packed", backend, gate_up.device)(gate_up)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """gelu_tanh(gate) * up for any matching shapes (Gemma's MLP; torch's gelu(approximate="tanh"))."""
-    V.floating(gate, "gate")
-    V.floating(up, "up")
-    if gate.shape != up.shape:
-        raise ValueError(f"gate has shape {tuple(gate.shape)} but up has {tuple(up.shape)}")
-    V.same_dtype(up, "up", gate, "gate")
-    V.same_device(up, "up", gate, "gate")
+    _check_gate_up(gate, up)
     return dispatch("geglu", backend, gate.device)(gate, up)
 
 
 def geglu_packed(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """GeGLU on the output of one fused gate|up GEMM: gate_up (..., 2 * ffn) = [gate | up] -> (..., ffn)."""
-    V.floating(gate_up, "gate_up")
-    V.ndim(gate_up, "gate_up", tuple(range(1, 9)), "(..., 2 * ffn)")
-    if gate_up.shape[-1] % 2:
-        raise ValueError(f"gate_up's last dim must be even (2 * ffn), got {gate_up.shape[-1]}")
+    _check_packed_gate_up(gate_up)
     return dispatch("geglu_packed", backend, gate_up.device)(gate_up)
 
 

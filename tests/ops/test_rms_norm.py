@@ -177,6 +177,7 @@ def test_offset_accuracy(dtype, residual):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_offset_is_gemma3_rmsnorm(backend):
+    pytest.importorskip("transformers")  # absent from the Triton 3.6 leg of .ci/run
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
     hf = Gemma3RMSNorm(1000, eps=1e-6).to(torch.bfloat16)

@@ -367,6 +367,7 @@ def _hf_rotary(family, rope_parameters, head_dim, seq):
     ("gemma3", GEMMA3_GLOBAL, 256), ("gemma3", {"type": "linear", "factor": 8.0, "rope_theta": 1000000.0}, 128)],
     ids=["llama3.1", "llama3.2", "default", "gemma3-linear", "legacy-type-key"])
 def test_scaled_tables_match_transformers(family, params, head_dim):
+    pytest.importorskip("transformers")  # absent from the Triton 3.6 leg of .ci/run
     from meditron_kernels import reference as R
 
     seq = 48

@@ -41,6 +41,7 @@ def test_accuracy(dtype, shape):
 
 
 def test_matches_transformers_xielu():
+    pytest.importorskip("transformers")  # absent from the Triton 3.6 leg of .ci/run
     from transformers.activations import XIELUActivation
 
     act = XIELUActivation(alpha_p_init=1.1, alpha_n_init=0.7, dtype=torch.float32)
